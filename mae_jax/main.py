@@ -1,0 +1,54 @@
+"""Command line: python -m mae_jax.main --config=configs/mae_vitb.py --workdir=DIR [--config.train.batch_size=N]."""
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from mae_jax import config as config_lib
+from mae_jax import sharding
+
+config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs; an existing run there is resumed.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def fail(message):
+  print(f'mae_jax: error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def innermost_message(error):
+  """ml_collections wraps a KeyError('... Did you mean ...') in an AttributeError; show the text only."""
+  while isinstance(error, BaseException) and error.args:
+    error = error.args[0]
+  return str(error)
+
+
+def parse_flags(argv):
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error:
+    raise  # absl prints these as one line already
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
+    fail(f'a --config override does not match the config ({overrides}): {innermost_message(e)}')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+  config = flags.FLAGS.config
+  try:
+    config.objective  # a config file that failed to load raises only when first used
+  except OSError as e:
+    fail(innermost_message(e))
+  from mae_jax import train  # imports jax: after flag parsing, so --help and flag errors are instant
+  try:
+    train.train_and_evaluate(config, flags.FLAGS.workdir)
+  except (config_lib.ConfigError, sharding.MeshError) as e:
+    fail(e)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,82 @@
+"""MAE (He et al., CVPR 2022): reconstruct the pixels of randomly masked patches.
+
+The encoder sees only the visible 25% of patches; the lightweight decoder fills the rest with a mask
+token and predicts every patch; the loss is the mean squared error on the masked patches, optionally
+against per-patch normalised pixels (`norm_pix_loss`, unbiased variance as in the reference).
+"""
+import jax
+import jax.numpy as jnp
+
+from mae_jax.models import masking, vit
+from mae_jax.models.decoder import MAEDecoder
+from mae_jax.models.patchify import normalize_patches, patchify, unpatchify
+from mae_jax.objectives.base import Objective
+
+
+def reconstruction_loss(pred, target, mask, norm_pix_loss):
+  """Mean over masked patches of the per-patch mean squared error (MAE's `forward_loss`)."""
+  if norm_pix_loss:
+    target = normalize_patches(target)
+  per_patch = jnp.mean((pred - target) ** 2, axis=-1)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+class MAE(Objective):
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.mask_ratio = config.mae.mask_ratio
+    self.norm_pix_loss = config.mae.norm_pix_loss
+    self.encoder = vit.encoder_from_config(config.model, self.img_size)
+    self.patch_size = self.encoder.patch_size
+    dec = config.model.decoder
+    self.decoder = MAEDecoder(self.encoder.grid_size, out_dim=self.patch_size**2 * 3, width=dec.width,
+                              depth=dec.depth, num_heads=dec.num_heads, mlp_ratio=config.model.mlp_ratio,
+                              dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
+
+  def init(self, rng):
+    enc_rng, dec_rng = jax.random.split(rng)
+    images = self.dummy_images()
+    noise = jnp.zeros((1, self.encoder.num_patches))
+    enc_vars = self.encoder.init(enc_rng, images, noise, self.mask_ratio)
+    latent, _, ids_restore = self.encoder.apply(enc_vars, images, noise, self.mask_ratio)
+    dec_vars = self.decoder.init(dec_rng, latent, ids_restore)
+    return {'encoder': enc_vars['params'], 'decoder': dec_vars['params']}
+
+  def num_fixed_params(self):
+    return super().num_fixed_params() + (self.encoder.num_patches + 1) * self.decoder.width
+
+  def sample_noise(self, example_keys):
+    return masking.example_noise(example_keys, self.encoder.num_patches)
+
+  def forward(self, params, images, noise, rng=None, train=False):
+    """The reference's `forward` without the loss: (predictions (N, L, p*p*3), mask (N, L))."""
+    rngs = {'dropout': rng} if rng is not None else {}
+    latent, mask, ids_restore = self.encoder.apply({'params': params['encoder']}, images, noise, self.mask_ratio,
+                                                   train, rngs=rngs)
+    pred = self.decoder.apply({'params': params['decoder']}, latent, ids_restore, train, rngs=rngs)
+    return pred, mask
+
+  def loss_fn(self, params, batch, rng, train=True):
+    images = batch['image']
+    pred, mask = self.forward(params, images, self.sample_noise(batch['example_key']), rng, train)
+    loss = reconstruction_loss(pred, patchify(images, self.patch_size), mask, self.norm_pix_loss)
+    return loss, {'loss/reconstruction': loss}
+
+  def visualize(self, params, images, rng):
+    """Original, masked input and reconstruction (visible patches pasted back), in input space.
+
+    With `norm_pix_loss` the predictions are de-normalised with each target patch's own mean and std,
+    the usual way of showing such models' outputs.
+    """
+    keys = jax.random.key_data(jax.random.split(rng, images.shape[0]))
+    pred, mask = self.forward(params, images, self.sample_noise(keys))
+    target = patchify(images, self.patch_size)
+    if self.norm_pix_loss:
+      mean = target.mean(-1, keepdims=True)
+      std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
+      pred = pred * std + mean
+    keep = (1 - mask)[..., None]
+    as_image = lambda p: unpatchify(p, self.patch_size, self.encoder.grid_size)
+    return {'original': images, 'masked': as_image(target * keep),
+            'reconstruction': as_image(target * keep + pred * (1 - keep))}
