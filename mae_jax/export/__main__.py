@@ -1,0 +1,70 @@
+r"""Converts between training runs and PyTorch files.
+
+Export a run's checkpoint (the latest step unless --step), by the extension .pth ({'model': state_dict})
+or .safetensors:
+
+  python -m mae_jax.export --workdir=/tmp/mae_b16 --format=mae-official --out=/tmp/mae_b16.pth
+  python -m mae_jax.export --workdir=/tmp/mae_b16 --format=timm-vit-avg --num_classes=1000 \
+      --img_size=448 --out=/tmp/vit_b16_448.safetensors
+
+Import a PyTorch file into params for a config's model, written as flax msgpack (for --config.init_from):
+
+  python -m mae_jax.export import --format=mae-official --in=mae_visualize_vit_base.pth \
+      --config=configs/mae_vitb.py --out=/tmp/mae_visualize_vit_base.msgpack
+
+Formats: mae-official (facebookresearch/mae MaskedAutoencoderViT), timm-vit (cls-token pooling, `norm`),
+timm-vit-avg (global average pooling, `fc_norm`). Any key the conversion would lose is an error; known
+partial files load with --allow_missing=GLOBS (e.g. 'decoder*,mask_token' for the encoder-only releases)
+and unwanted keys are skipped with --ignore=GLOBS (e.g. 'head.*').
+"""
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from mae_jax.export import engine, tables, torch_export, torch_import
+
+flags.DEFINE_enum('format', 'mae-official', sorted(tables.FORMATS), 'PyTorch layout.')
+flags.DEFINE_string('out', None, 'Output file: .pth or .safetensors (export), .msgpack (import).', required=True)
+flags.DEFINE_string('workdir', None, 'export: the training run to read.')
+flags.DEFINE_integer('step', None, 'export: checkpoint step (default: the latest).')
+flags.DEFINE_integer('img_size', 0, 'export: build the PyTorch model for this resolution (0: the run\'s).')
+flags.DEFINE_integer('num_classes', 0, 'export, timm formats: add a zero-initialised head of this size.')
+flags.DEFINE_string('in', None, 'import: the PyTorch file (.pth or .safetensors).')
+flags.DEFINE_list('allow_missing', [], 'import: globs of torch keys the file may lack (a known partial layout).')
+flags.DEFINE_list('ignore', [], 'import: globs of torch keys in the file to leave unused.')
+config_flags.DEFINE_config_file('config', None, 'import: config file of the model to build.', lock_config=True)
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
+  verb = argv[1] if len(argv) > 1 else 'export'
+  if len(argv) > 2 or verb not in ('export', 'import'):
+    raise app.UsageError(f'expected no verb (export) or "import", got {argv[1:]}')
+  if verb == 'export':
+    if not FLAGS.workdir:
+      raise app.UsageError('export needs --workdir')
+    state_dict = torch_export.export_checkpoint(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step,
+                                                FLAGS.img_size or None, FLAGS.num_classes)
+    print(f'wrote {len(state_dict)} tensors in format {FLAGS.format} to {FLAGS.out}')
+  else:
+    if not FLAGS['in'].value or FLAGS.config is None:
+      raise app.UsageError('import needs --in and --config')
+    params = torch_import.import_file(FLAGS['in'].value, FLAGS.out, FLAGS.config, FLAGS.format,
+                                      FLAGS.allow_missing, FLAGS.ignore)
+    print(f'wrote {sorted(params)} params to {FLAGS.out}')
+
+
+def run(argv):
+  try:
+    main(argv)
+  except (engine.ConversionError, torch_import.UnsafeFileError) as e:
+    sys.exit(f'error: {e}')
+
+
+if __name__ == '__main__':
+  app.run(run)

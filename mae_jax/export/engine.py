@@ -1,0 +1,184 @@
+"""The one engine that applies a key table (`tables.FORMATS`) in either direction.
+
+Nothing is dropped silently. On export every param in the format's scope must match a rule. On import
+every key of the file must be used (or explicitly `ignore`d) and every param the model expects must be
+filled (or explicitly `allow_missing`); shapes must agree. One error lists every offending key.
+"""
+import fnmatch
+import logging
+import math
+import re
+from typing import NamedTuple
+
+import flax
+import numpy as np
+
+from mae_jax.export import tables
+from mae_jax.models.vit import posemb_sincos_2d
+
+SINCOS_ATOL = 1e-5  # float32 sin/cos from numpy or torch agree far better than this
+
+
+class ConversionError(ValueError):
+  """Keys, shapes or values that do not fit a format; the message names each key."""
+
+
+def _fail(title, problems, limit=40):
+  lines = problems[:limit] + ([f'... and {len(problems) - limit} more'] if len(problems) > limit else [])
+  raise ConversionError('\n  '.join([title] + lines))
+
+
+class _Rule(NamedTuple):
+  keys: tuple  # (jax path, torch key) templates
+  patterns: tuple  # their compiled regexes
+  kind: str
+  group: int  # index of the first rule of its block, so output keys come block by block
+
+
+def _compile(fmt):
+  if fmt not in tables.FORMATS:
+    raise ValueError(f'unknown format {fmt!r}; choose one of {sorted(tables.FORMATS)}')
+  regex = lambda p: re.compile(re.escape(p).replace(re.escape('{i}'), r'(?P<i>\d+)') + '$')
+  rules, groups = [], {}
+  for n, (jax, torch, kind) in enumerate(tables.FORMATS[fmt]):
+    group = groups.setdefault(jax.partition('{i}')[0] if '{i}' in jax else jax, n)
+    rules.append(_Rule((jax, torch), (regex(jax), regex(torch)), kind, group))
+  return rules
+
+
+def _translate(rules, key, side):
+  """The rule matching `key` on `side` (0: jax, 1: torch): (order, the other side's key, kind), or None."""
+  for n, rule in enumerate(rules):
+    m = rule.patterns[side].match(key)
+    if m:
+      i = m.groupdict().get('i')
+      other = rule.keys[1 - side]
+      return (rule.group, int(i) if i else -1, n), other.replace('{i}', i) if i else other, rule.kind
+  return None
+
+
+def _matches(key, globs):
+  return any(fnmatch.fnmatchcase(key, g) for g in globs)
+
+
+def _grid(table):
+  side = math.isqrt(table.shape[1] - 1)
+  return (side, side)
+
+
+def resize_bicubic(table, grid):
+  """Resizes the patch part of a (1, 1 + h*w, D) table, keeping the cls row: the reference's
+  `interpolate_pos_embed` (torch bicubic, align_corners=False)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  d, (h, w) = table.shape[-1], _grid(table)
+  patches = torch.from_numpy(np.ascontiguousarray(table[:, 1:])).reshape(1, h, w, d).permute(0, 3, 1, 2)
+  patches = torch.nn.functional.interpolate(patches, size=tuple(grid), mode='bicubic', align_corners=False)
+  return np.concatenate([table[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, d).numpy()], axis=1)
+
+
+def to_torch(params, fmt, fixed, grid=None):
+  """params pytree -> {torch key: np.ndarray}, in the table's order.
+
+  Args:
+    params: params pytree; only the format's scope is exported.
+    fmt: a key of `tables.FORMATS`.
+    fixed: the model's fixed tables, {jax path: (1, 1 + L, D)} (`tables.fixed_tables`).
+    grid: optional (h, w) patch grid of the target model, when it differs from the trained one.
+  """
+  rules = _compile(fmt)
+  flat = flax.traverse_util.flatten_dict(params, sep='/')
+  flat = {k: v for k, v in flat.items() if k.split('/')[0] in tables.scope(fmt)}
+  out, problems = [], []
+  for path, value in flat.items():
+    hit = _translate(rules, path, 0)
+    if hit is None or hit[2] in tables.POSITION_KINDS:
+      problems.append(f'{path} {np.shape(value)}: no rule for it in format {fmt!r}')
+      continue
+    order, key, kind = hit
+    out.append((order, key, np.array(tables.KINDS[kind][0](np.asarray(value)), order='C')))
+  present = {path.split('/')[0] for path in flat}
+  for n, rule in enumerate(rules):
+    (jax, key), kind = rule.keys, rule.kind
+    if kind not in tables.POSITION_KINDS or jax.split('/')[0] not in present:
+      continue
+    table = fixed[jax]
+    if grid is not None and tuple(grid) != _grid(table):
+      table = (posemb_sincos_2d(table.shape[-1], grid)[None] if kind == 'sincos' else resize_bicubic(table, grid))
+    out.append(((rule.group, -1, n), key, np.asarray(table, np.float32)))
+  if problems:
+    _fail(f'cannot export to {fmt!r}:', problems)
+  skipped = sorted({k.split('/')[0] for k in flax.traverse_util.flatten_dict(params, sep='/')} - present)
+  if skipped:
+    logging.info('format %r holds %s; not exported: %s', fmt, sorted(present), skipped)
+  return {key: value for _, key, value in sorted(out, key=lambda t: t[0])}
+
+
+def _check_position_table(key, value, table):
+  """None if `value` is MAE's sin-cos table (for any grid), else the problem. Our tables are fixed, so a
+  learned (fine-tuned) table cannot be loaded; a different grid is fine: the table is recomputed."""
+  width = table.shape[-1]
+  tokens = value.shape[1] - 1 if value.ndim == 3 and value.shape[0] == 1 else -1
+  if tokens < 1 or math.isqrt(tokens) ** 2 != tokens or value.shape[-1] != width:
+    return f'{key} {value.shape}: not a (1, 1 + h*w, {width}) position table'
+  own = posemb_sincos_2d(width, _grid(value))[None]
+  err = float(np.max(np.abs(value - own)))
+  if err > SINCOS_ATOL:
+    return (f'{key}: differs from the fixed sin-cos table of its {_grid(value)[0]}x{_grid(value)[1]} grid by up '
+            f'to {err:.3g} (learned, fine-tuned or resized); the JAX ViT only has the fixed table. To load the '
+            f'rest anyway (outputs will then differ from the PyTorch model), ignore it: --ignore={key}')
+  if value.shape != table.shape:
+    logging.warning('%s: the file was trained on a %dx%d patch grid, the model uses %dx%d; the fixed sin-cos '
+                    'table is recomputed for the model (exact for MAE; the reference fine-tuning code instead '
+                    'resizes it bicubically).', key, *_grid(value), *_grid(table))
+  return None
+
+
+def from_torch(state_dict, fmt, expected, fixed, allow_missing=(), ignore=()):
+  """{torch key: array} -> params pytree holding exactly the model's params in the format's scope.
+
+  Args:
+    state_dict: {torch key: np.ndarray}.
+    fmt: a key of `tables.FORMATS`.
+    expected: the model's params (arrays or ShapeDtypeStructs), e.g. `jax.eval_shape(objective.init, rng)`.
+    fixed: the model's fixed tables, {jax path: (1, 1 + L, D)}; the file's must be sin-cos tables.
+    allow_missing: globs of torch keys that may be absent (a known partial layout, e.g. 'decoder*'); the
+      result then lacks those params.
+    ignore: globs of torch keys in the file that are deliberately not used.
+  """
+  rules = _compile(fmt)
+  flat = flax.traverse_util.flatten_dict(expected, sep='/')
+  expected = {k: v for k, v in flat.items() if k.split('/')[0] in tables.scope(fmt)}
+  params, problems = {}, []
+  for key, value in state_dict.items():
+    if _matches(key, ignore):
+      logging.warning('%s %s: ignored as asked', key, tuple(value.shape))
+      continue
+    hit = _translate(rules, key, 1)
+    if hit is None:
+      problems.append(f'{key} {tuple(value.shape)}: unexpected, no rule for it in format {fmt!r}')
+      continue
+    _, path, kind = hit
+    if kind in tables.POSITION_KINDS and path in fixed:
+      problem = _check_position_table(key, value, fixed[path])
+      problems += [problem] if problem else []
+    elif path not in expected:
+      problems.append(f'{key} {tuple(value.shape)}: unexpected, the model has no param {path}')
+    else:
+      converted, want = np.ascontiguousarray(tables.KINDS[kind][1](value)), expected[path]
+      if converted.shape != tuple(want.shape):
+        problems.append(f'{key}: shape {tuple(value.shape)} gives {path} {converted.shape}, the model has '
+                        f'{tuple(want.shape)}')
+      else:
+        params[path] = converted.astype(want.dtype, copy=False)
+  for path in expected:
+    hit = _translate(rules, path, 0)
+    if hit is None:
+      problems.append(f'{path}: the model has this param but format {fmt!r} has no rule for it')
+    elif path not in params and not _matches(hit[1], allow_missing):
+      reported = hit[1] in state_dict and not _matches(hit[1], ignore)
+      problems += [] if reported else [f'{hit[1]}: missing from the file (the model\'s {path})']
+  if problems:
+    _fail(f'the file does not fit format {fmt!r} and the model (a known partial file, e.g. the encoder-only '
+          "mae_pretrain_vit_*.pth, loads with --allow_missing='decoder*,mask_token'; unwanted keys are "
+          'skipped with --ignore=GLOB):', problems)
+  return flax.traverse_util.unflatten_dict(params, sep='/')
