@@ -1,13 +1,19 @@
-"""Input pipeline: sources, augmentation, deterministic host-sharded loading."""
-from mae_jax.data import loader, sources, transforms
+"""Input pipeline: sources (embedded, image folder, TFDS), augmentation, deterministic host-sharded loading.
+
+See docs/data.md for preparing ImageNet and for the guarantees (determinism, resumption, bad files).
+"""
+from mae_jax.data import decode, loader, sources, transforms
+from mae_jax.data.sources import DataError
 
 
 def train_loader(config, process_index=0, process_count=1):
   source = sources.create(config.data, config.data.train_split)
   return loader.TrainLoader(source, transforms.TrainTransform(config.data), config.train.batch_size, config.seed,
-                            process_index, process_count)
+                            process_index, process_count, config.data.num_workers)
 
 
 def eval_source(config):
   """The labelled split used for kNN evaluation, or None when `config.data.eval_split` is empty."""
-  return sources.create(config.data, config.data.eval_split) if config.data.eval_split else None
+  if not config.data.eval_split:
+    return None
+  return sources.create(config.data, config.data.eval_split, class_split=config.data.train_split)

@@ -1,13 +1,22 @@
-"""Per-image augmentation in NumPy/PIL with an explicit RNG (deterministic per step and index).
+"""Per-image augmentation with PIL and an explicit NumPy RNG (deterministic per step and example).
 
-Training: torchvision's RandomResizedCrop semantics (10 tries at a random area and log-uniform aspect
-ratio, else a centre crop clamped to the ratio range), bicubic resize, horizontal flip, then mean/std
-normalisation. Evaluation: resize the short side to size/0.875 and centre-crop (256 -> 224).
+Training is torchvision's `RandomResizedCrop(size, scale, ratio, interpolation)` (10 tries at a random
+area and log-uniform aspect ratio, else a centre crop clamped to the ratio range; crop, then resize with
+PIL) + `RandomHorizontalFlip()` + `ToTensor()` + `Normalize(mean, std)`, with the layout kept HWC:
+
+  MAE, GAN-MAE, MR-MAE  224 px, scale (0.2, 1), bicubic, ImageNet mean/std
+  MAGE                  256 px, scale (0.2, 1), bilinear (torchvision's default), mean 0 / std 1 (values in [0, 1])
+
+Evaluation is `Resize(int(size / 0.875), bicubic)` of the short side + `CenterCrop(size)`: 224 -> 256 (MAE),
+256 -> 292 (MAGE's `Resize(292)`), rounded down as `int()` does in the references.
 """
 import math
 
 import numpy as np
 from PIL import Image
+
+INTERPOLATIONS = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR}
+EVAL_CROP_FRACTION = 0.875
 
 
 def random_resized_crop_box(rng, height, width, scale, ratio):
@@ -22,17 +31,37 @@ def random_resized_crop_box(rng, height, width, scale, ratio):
     if 0 < w <= width and 0 < h <= height:
       return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
   in_ratio = width / height
-  if in_ratio < ratio[0]:
-    w, h = width, int(round(width / ratio[0]))
-  elif in_ratio > ratio[1]:
-    h, w = height, int(round(height * ratio[1]))
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
   else:
     w, h = width, height
   return (height - h) // 2, (width - w) // 2, h, w
 
 
-def normalize(image_uint8, mean, std):
-  return (image_uint8.astype(np.float32) / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+def eval_resize_size(size, crop_fraction=EVAL_CROP_FRACTION):
+  """Short side before the centre crop: int(size / crop_fraction) (224 -> 256, 256 -> 292, 384 -> 438)."""
+  return int(size / crop_fraction + 1e-6)  # the epsilon keeps exact quotients exact (224 / 0.875 = 256)
+
+
+def as_pil(image):
+  return image if isinstance(image, Image.Image) else Image.fromarray(image)
+
+
+class Normalizer:
+  """(x / 255 - mean) / std as one multiply-add into a float32 buffer."""
+
+  def __init__(self, mean, std):
+    std = np.asarray(std, np.float64)
+    self.scale = (1.0 / (255.0 * std)).astype(np.float32)
+    self.bias = (-np.asarray(mean, np.float64) / std).astype(np.float32)
+
+  def __call__(self, image_uint8, out=None):
+    out = np.empty(image_uint8.shape, np.float32) if out is None else out
+    np.multiply(image_uint8, self.scale, out=out)
+    np.add(out, self.bias, out=out)
+    return out
 
 
 class TrainTransform:
@@ -40,28 +69,44 @@ class TrainTransform:
   def __init__(self, data_config):
     self.size = data_config.img_size
     self.scale, self.ratio = tuple(data_config.crop_scale), tuple(data_config.crop_ratio)
-    self.hflip, self.mean, self.std = data_config.hflip, data_config.mean, data_config.std
+    self.hflip = data_config.hflip
+    self.resample = INTERPOLATIONS[data_config.get('interpolation', 'bicubic')]
+    self.normalize = Normalizer(data_config.mean, data_config.std)
 
-  def __call__(self, image, rng):
-    top, left, h, w = random_resized_crop_box(rng, image.shape[0], image.shape[1], self.scale, self.ratio)
-    crop = Image.fromarray(image).resize((self.size, self.size), Image.BICUBIC, box=(left, top, left + w, top + h))
-    out = np.asarray(crop)
+  def crop(self, image, rng):
+    """The augmented (size, size, 3) uint8 image."""
+    image = as_pil(image)
+    top, left, h, w = random_resized_crop_box(rng, image.height, image.width, self.scale, self.ratio)
+    out = image.crop((left, top, left + w, top + h)).resize((self.size, self.size), self.resample)
     if self.hflip and rng.random() < 0.5:
-      out = out[:, ::-1]
-    return normalize(out, self.mean, self.std)
+      out = out.transpose(Image.FLIP_LEFT_RIGHT)  # in PIL: the array stays contiguous, normalising it is faster
+    return np.asarray(out)
+
+  def __call__(self, image, rng, out=None):
+    """(size, size, 3) float32, written into `out` when given."""
+    return self.normalize(self.crop(image, rng), out)
 
 
 class EvalTransform:
 
-  def __init__(self, data_config, crop_fraction=0.875):
-    self.size, self.mean, self.std = data_config.img_size, data_config.mean, data_config.std
-    self.resize = int(round(self.size / crop_fraction))
+  def __init__(self, data_config, crop_fraction=EVAL_CROP_FRACTION):
+    self.size = data_config.img_size
+    self.resize = eval_resize_size(self.size, crop_fraction)
+    self.normalize = Normalizer(data_config.mean, data_config.std)
 
-  def __call__(self, image, rng=None):
-    h, w = image.shape[:2]
-    scale = self.resize / min(h, w)
-    resized = Image.fromarray(image).resize((max(self.size, round(w * scale)), max(self.size, round(h * scale))),
-                                            Image.BICUBIC)
-    left, top = (resized.width - self.size) // 2, (resized.height - self.size) // 2
-    crop = np.asarray(resized.crop((left, top, left + self.size, top + self.size)))
-    return normalize(crop, self.mean, self.std)
+  def crop(self, image):
+    image = as_pil(image)
+    w, h = image.size
+    # torchvision Resize(int): the short side becomes `resize`, the long side int(resize * long / short).
+    if w <= h:
+      new_w, new_h = self.resize, int(self.resize * h / w)
+    else:
+      new_w, new_h = int(self.resize * w / h), self.resize
+    if (new_w, new_h) != (w, h):
+      image = image.resize((new_w, new_h), Image.BICUBIC)
+    # torchvision CenterCrop (the resized image is never smaller than the crop).
+    top, left = int(round((new_h - self.size) / 2.0)), int(round((new_w - self.size) / 2.0))
+    return np.asarray(image.crop((left, top, left + self.size, top + self.size)))
+
+  def __call__(self, image, rng=None, out=None):
+    return self.normalize(self.crop(image), out)
