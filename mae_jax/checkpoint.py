@@ -1,25 +1,93 @@
 """Orbax checkpoints of the whole train state, plus the config that produced them.
 
-A checkpoint holds everything needed to continue exactly: params, optimizer state, step and the base
-RNG key; the data pipeline's position is the step itself (see `data/loader.py`). Restoring takes the
-target shardings, so a run saved on one mesh resumes on another.
-"""
-import os
+A checkpoint holds everything needed to continue exactly: params, optimizer state, step, the base RNG
+key and the non-finite-step counters; the data pipeline's position is the step itself (see
+`data/loader.py`). Restoring takes the target shardings, so a run saved on one mesh resumes on another.
 
+Safety: orbax writes each step into a temporary directory and renames it when complete, so a save
+interrupted by a crash is never picked up (leftovers are cleaned at start). A finished checkpoint that
+cannot be read (a truncated file) is moved aside with a warning and the previous one is used. A
+checkpoint of another model is refused with a message naming the difference.
+"""
+import math
+import os
+import time
+
+import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
+
+from mae_jax.config import ConfigError
+
+# Config fields that decide the shapes of the state: a checkpoint is only resumed if they match.
+IDENTITY_FIELDS = ('objective', 'model.variant', 'model.mlp_ratio', 'model.decoder', 'data.img_size')
+
+
+class CheckpointError(RuntimeError):
+  """Saving failed (full disk, lost permissions); the previous checkpoints are intact."""
+
+
+class CheckpointMismatch(ConfigError):
+  """The workdir holds a checkpoint of another model."""
 
 
 def directory(workdir):
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+def _manager(path, options):
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(path, options=options, item_handlers=handlers)
+
+
+def _lookup(tree, dotted):
+  for key in dotted.split('.'):
+    tree = tree[key]
+  return tree.to_dict() if isinstance(tree, ml_collections.ConfigDict) else tree
+
+
+def _normalise(value):
+  """Tuples and lists compare equal after a JSON round trip."""
+  if isinstance(value, dict):
+    return {k: _normalise(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_normalise(v) for v in value]
+  return value
+
+
+def _shapes(tree):
+  return {jax.tree_util.keystr(path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def describe_mismatch(saved_config, saved_state_metadata, config, abstract_state):
+  """The first difference between a checkpoint and the current run's model, or None."""
+  for field in IDENTITY_FIELDS:
+    saved, current = _normalise(_lookup(saved_config, field)), _normalise(_lookup(config, field))
+    if saved != current:
+      return f'config.{field} is {saved!r} in the checkpoint but {current!r} now'
+  saved_shapes, shapes = _shapes(saved_state_metadata['params']), _shapes(abstract_state['params'])
+  for path in sorted(set(saved_shapes) | set(shapes)):
+    if saved_shapes.get(path) != shapes.get(path):
+      return f'params{path} has shape {saved_shapes.get(path)} in the checkpoint but {shapes.get(path)} now'
+  # Orbax's metadata spells optimizer namedtuples as dicts, so compare the rest of the state by its shapes.
+  all_shapes = lambda tree: sorted(tuple(leaf.shape) for leaf in jax.tree.leaves(tree))
+  if all_shapes(saved_state_metadata) != all_shapes(abstract_state):
+    return 'the optimizer state differs (another optimizer, objective or update scheme)'
+  return None
+
+
 class Checkpointer:
 
-  def __init__(self, workdir, every_steps, keep):
-    options = ocp.CheckpointManagerOptions(save_interval_steps=every_steps, max_to_keep=keep,
-                                           enable_async_checkpointing=True)
-    self.manager = ocp.CheckpointManager(directory(workdir), options=options)
+  def __init__(self, workdir, checkpoint_config):
+    self.path = directory(workdir)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=checkpoint_config.every_steps, max_to_keep=checkpoint_config.keep,
+        keep_period=checkpoint_config.keep_every_steps or None, enable_async_checkpointing=True,
+        cleanup_tmp_directories=True)
+    self.manager = _manager(self.path, options)
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -27,27 +95,96 @@ class Checkpointer:
   def save(self, step, state, config, force=False):
     """Saves asynchronously if `step` is on the interval (or `force`); returns whether it saved."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
-    return self.manager.save(step, args=args, force=force)
+    try:
+      return self.manager.save(step, args=args, force=force)
+    except Exception as e:  # an earlier async save's failure surfaces here too
+      raise self._save_error(step, e) from e
 
-  def restore(self, abstract_state, step=None):
-    """Restores onto the shardings carried by `abstract_state` (ShapeDtypeStructs with `.sharding`)."""
-    step = self.latest_step() if step is None else step
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored.state
+  def wait(self):
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:
+      raise self._save_error(self.latest_step(), e) from e
+
+  def _save_error(self, step, error):
+    kept = [s for s in self.manager.all_steps() if os.path.isdir(os.path.join(self.path, str(s)))]
+    return CheckpointError(f'saving the checkpoint of step {step} in {self.path} failed: {error}. '
+                           f'The previous checkpoints {kept} are intact; rerun the same command to resume.')
+
+  def restore_latest(self, abstract_state, config):
+    """(state, step) of the newest readable checkpoint, or (None, None) if there is none.
+
+    Raises CheckpointMismatch if it belongs to another model; skips (and moves aside) unreadable ones.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
+        metadata = self.manager.item_metadata(step)['state']
+      except Exception as e:
+        self._set_aside(step, e)
+        continue
+      mismatch = describe_mismatch(saved_config, metadata, config, abstract_state)
+      if mismatch:
+        raise CheckpointMismatch(
+            f'the checkpoint of step {step} in {self.path} belongs to another model: {mismatch}. Use a new '
+            f'--workdir, or --config.init_from={os.path.dirname(self.path)} to start from its matching params.')
+      try:
+        state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        return state.state, step
+      except Exception as e:
+        self._set_aside(step, e)
+    return None, None
+
+  def _set_aside(self, step, error):
+    """Renames an unreadable checkpoint (orbax then ignores it) so the run falls back to the previous one."""
+    source = os.path.join(self.path, str(step))
+    target = f'{source}.unreadable-{int(time.time())}'
+    message = f'the checkpoint of step {step} in {self.path} is unreadable ({type(error).__name__}: {error})'
+    if jax.process_index() == 0:
+      os.rename(source, target)
+    logging.warning('%s; moved it to %s and trying the previous one', message, target)
+    print(f'WARNING: {message}; moved it to {os.path.basename(target)}, trying the previous one', flush=True)
+    self.manager.reload()
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 
 def load_params(workdir, step=None):
-  """(config, params) of a run's checkpoint (latest by default), on the default device, for export."""
-  manager = ocp.CheckpointManager(directory(workdir), options=ocp.CheckpointManagerOptions(read_only=True))
+  """(config, params) of a run's checkpoint (latest by default), as host arrays, for export and warm starts."""
+  manager = _manager(directory(workdir), ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory(workdir)}')
   config = ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(
       config=ocp.args.JsonRestore())).config)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+  metadata = manager.item_metadata(step)['state']
+  # Restore as plain host arrays, whatever mesh wrote them.
+  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), metadata)
+  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state
   manager.close()
   return config, state['params']
+
+
+def merge_matching(params, source, source_name):
+  """Takes every leaf of `source` whose path and shape match `params` (a warm start); reports the rest."""
+  flat_source = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
+  loaded, skipped = [], []
+
+  def pick(path, leaf):
+    key = jax.tree_util.keystr(path)
+    value = flat_source.get(key)
+    if value is not None and tuple(value.shape) == tuple(leaf.shape):
+      loaded.append(key)
+      return np.asarray(value, leaf.dtype)
+    skipped.append(key)
+    return leaf
+
+  merged = jax.tree_util.tree_map_with_path(pick, params)
+  if not loaded:
+    raise ConfigError(f'config.init_from={source_name}: no parameter matches this model by name and shape')
+  count = lambda keys: sum(math.prod(flat_source[k].shape) if k in flat_source else 0 for k in keys)
+  print(f'Warm start from {source_name}: loaded {len(loaded)} arrays ({count(loaded):,} values); '
+        f'kept the initialisation of {len(skipped)}: {skipped[:8]}{" ..." if len(skipped) > 8 else ""}', flush=True)
+  return merged

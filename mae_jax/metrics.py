@@ -12,7 +12,7 @@ class Writer:
   def __init__(self, workdir, total_steps, start_step, enabled=True):
     self.enabled, self.total_steps = enabled, total_steps
     self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb = None
+    self._tb, self._warned = None, False
     if enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -22,8 +22,13 @@ class Writer:
     if not self.enabled:
       return
     values = {k: float(v) for k, v in values.items()}
-    with open(self.jsonl_path, 'a') as f:
-      f.write(json.dumps({'step': step, **values}) + '\n')
+    try:
+      with open(self.jsonl_path, 'a') as f:
+        f.write(json.dumps({'step': step, **values}) + '\n')
+    except OSError as e:  # a full disk must not kill the run here: checkpoints report their own failures
+      if not self._warned:
+        print(f'WARNING: could not append to {self.jsonl_path}: {e}', flush=True)
+        self._warned = True
     for name, value in values.items():
       self._tb.add_scalar(name, value, step)
 
@@ -55,8 +60,14 @@ def read_jsonl(workdir):
   path = os.path.join(workdir, 'metrics.jsonl')
   if not os.path.exists(path):
     return []
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:  # a line cut short by a killed process
+        pass
+  return records
 
 
 def image_grid(columns, mean, std):

@@ -57,6 +57,7 @@ def test_vitb_shapes_match_the_reference_state_dict():
 def test_vitb_runs_one_real_train_step_at_batch_2():
   config = load_config('mae_vitb')
   config.train.update(batch_size=2, num_steps=1)
+  config.data.update(source='embedded', name='digits', eval_split='test')  # offline stand-in for ImageNet
   trainer = train.Trainer(config, devices=jax.devices()[:1])
   state = trainer.init_state()
   before = np.asarray(state['params']['encoder']['blocks_0']['attn']['qkv']['kernel'])

@@ -4,18 +4,10 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
 
 import pytest
+from cli import run_main
 from tensorboardX.proto import event_pb2
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run_main(*args, env=None, timeout=900):
-  return subprocess.run([sys.executable, '-m', 'mae_jax.main', *args], cwd=ROOT, capture_output=True, text=True,
-                        timeout=timeout, env={**os.environ, **(env or {})})
 
 
 def tensorboard_events(logdir):

@@ -23,13 +23,32 @@ def knn_top1(train_features, train_labels, test_features, test_labels, num_class
   return float(np.mean(votes.argmax(axis=1) == test_labels))
 
 
+class EvenSubset:
+  """`size` evenly spaced examples of `source` (the whole source if it is smaller): a bounded kNN bank."""
+
+  def __init__(self, source, size):
+    self.source, self.num_classes = source, source.num_classes
+    self.indices = np.linspace(0, len(source) - 1, min(size, len(source))).round().astype(int)
+
+  def __len__(self):
+    return len(self.indices)
+
+  def __getitem__(self, index):
+    return self.source[int(self.indices[index])]
+
+  def describe(self, index):
+    return self.source.describe(int(self.indices[index]))
+
+
 class KnnEvaluator:
   """Extracts features of the train split (the bank) and the eval split (the queries) with a jitted,
   batch-sharded feature function, then classifies the queries."""
 
   def __init__(self, config, objective, train_source, eval_source, mesh):
     self.config, self.mesh = config, mesh
-    self.train_source, self.eval_source = train_source, eval_source
+    bank = config.eval.knn_bank_size
+    self.train_source = EvenSubset(train_source, bank) if bank and bank < len(train_source) else train_source
+    self.eval_source = eval_source
     self.transform = transforms.EvalTransform(config.data)
     self.features = jax.jit(objective.features, out_shardings=sharding.replicated(mesh))
     devices = mesh.devices.size
