@@ -4,6 +4,11 @@ One mesh with axes ('data', 'fsdp') serves every scale: 1 CPU, 8 simulated devic
 Parameters and optimizer state are replicated over 'data' and, above a size threshold, sharded over
 'fsdp' along their largest evenly divisible dimension (big_vision's fsdp rule). The batch is split over
 both axes. Shardings are derived from abstract shapes, so the state is created already sharded.
+
+Across TPU slices (or GPU nodes), `config.mesh.dcn_data` / `dcn_fsdp` say how much of each axis spans the
+slow data-centre network: the mesh is then built with `create_hybrid_device_mesh`, so that only the axis
+given to DCN (normally 'data': one gradient all-reduce per step) crosses slices, while FSDP's all-gathers
+stay on the fast interconnect (ICI / NVLink).
 """
 import math
 
@@ -37,10 +42,36 @@ def mesh_shape(mesh_config, num_devices):
   return tuple(sizes[axis] for axis in AXES)
 
 
+def dcn_shape(mesh_config, shape):
+  """The part of each mesh axis that spans slices (DCN); the rest, `shape // dcn`, is within a slice."""
+  dcn = tuple(mesh_config.get(f'dcn_{axis}', 1) for axis in AXES)
+  for axis, size, outer in zip(AXES, shape, dcn):
+    if outer < 1 or size % outer:
+      raise MeshError(f'config.mesh.dcn_{axis}={outer} must be >= 1 and divide config.mesh.{axis}={size}')
+  return dcn
+
+
+def granules(devices):
+  """'slice' when the devices span several TPU slices, else 'process' (GPU nodes, CPU processes)."""
+  slices = {getattr(d, 'slice_index', None) for d in devices}
+  return 'slice' if None not in slices and len(slices) > 1 else 'process'
+
+
 def create_mesh(mesh_config, devices=None):
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_config, len(devices))
-  return Mesh(mesh_utils.create_device_mesh(shape, devices), AXES, axis_types=(AxisType.Auto,) * len(AXES))
+  dcn = dcn_shape(mesh_config, shape)
+  if math.prod(dcn) == 1:
+    device_array = mesh_utils.create_device_mesh(shape, devices)
+  else:
+    ici = tuple(size // outer for size, outer in zip(shape, dcn))
+    try:
+      device_array = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices,
+                                                           process_is_granule=granules(devices) == 'process')
+    except ValueError as e:
+      raise MeshError(f'config.mesh: a hybrid mesh of {dcn} slices/processes x {ici} devices each does not fit '
+                      f'these {len(devices)} devices: {e}') from None
+  return Mesh(device_array, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def fsdp_spec(shape, itemsize, fsdp_size, min_size_mb):

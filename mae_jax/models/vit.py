@@ -25,6 +25,21 @@ VARIANTS = {
     'H': (1280, 32, 16),
 }
 
+# What a rematerialised block keeps for the backward pass (config.model.remat_policy). 'full' keeps nothing
+# and recomputes the whole block; 'dots' keeps every matmul output; 'dots_no_batch' keeps the linear layers'
+# outputs and recomputes attention (its einsums have batch dimensions).
+REMAT_POLICIES = {
+    'full': None,
+    'dots': jax.checkpoint_policies.dots_saveable,
+    'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_option(model_config):
+  """config.model.remat and remat_policy -> what `make_blocks` takes: False or a REMAT_POLICIES name."""
+  return model_config.remat and model_config.get('remat_policy', 'full')
+
+
 # torch.nn.Linear / nn.Conv2d weights in the reference are xavier_uniform "like nn.Linear".
 dense_init = nn.initializers.xavier_uniform()
 patch_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2), out_axis=-1)
@@ -151,8 +166,10 @@ class Block(nn.Module):
 
 
 def make_blocks(depth, num_heads, mlp_ratio, drop_path_rate, dropout, dtype, remat):
-  """`depth` blocks with drop-path rates linearly spaced from 0, optionally rematerialised."""
-  block = nn.remat(Block, static_argnums=(2,)) if remat else Block
+  """`depth` blocks with drop-path rates linearly spaced from 0, optionally rematerialised (`remat`: False,
+  True or a REMAT_POLICIES name)."""
+  policy = REMAT_POLICIES[remat if isinstance(remat, str) else 'full']
+  block = nn.remat(Block, static_argnums=(2,), policy=policy) if remat else Block
   rates = np.linspace(0.0, drop_path_rate, depth) if depth else []
   return [block(num_heads, mlp_ratio, float(rate), dropout, dtype) for rate in rates]
 
@@ -212,4 +229,4 @@ def encoder_from_config(model_config, img_size):
   """Builds the shared encoder from `config.model` (variant, drop path, dtype, remat)."""
   return ViTEncoder(img_size=img_size, **parse_variant(model_config.variant), mlp_ratio=model_config.mlp_ratio,
                     drop_path_rate=model_config.drop_path_rate, dropout=model_config.dropout,
-                    dtype=jnp.dtype(model_config.dtype), remat=model_config.remat)
+                    dtype=jnp.dtype(model_config.dtype), remat=remat_option(model_config))

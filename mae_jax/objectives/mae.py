@@ -32,7 +32,7 @@ class MAE(Objective):
     dec = config.model.decoder
     self.decoder = MAEDecoder(self.encoder.grid_size, out_dim=self.patch_size**2 * 3, width=dec.width,
                               depth=dec.depth, num_heads=dec.num_heads, mlp_ratio=config.model.mlp_ratio,
-                              dtype=jnp.dtype(config.model.dtype), remat=config.model.remat)
+                              dtype=jnp.dtype(config.model.dtype), remat=vit.remat_option(config.model))
 
   def init(self, rng):
     enc_rng, dec_rng = jax.random.split(rng)

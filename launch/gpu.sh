@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# mae_jax on one machine with several NVIDIA GPUs: one process drives every GPU (JAX's single-controller
+# model), the mesh spans them, no jax.distributed needed.
+#
+#   launch/gpu.sh [options] -- ARGS for python -m mae_jax.main
+#
+# Options:
+#   --gpus=LIST       GPUs to use, e.g. 0,1,2,3 (sets CUDA_VISIBLE_DEVICES; default: all)
+#   --python=PATH     the Python of the environment with mae_jax and jax[cuda12] (default: python3)
+#   --mem-fraction=F  share of each GPU's memory JAX preallocates (XLA_PYTHON_CLIENT_MEM_FRACTION, default 0.9)
+#   --dry-run         print the command instead of running it
+#
+# Install once: pip install -e . 'jax[cuda12]>=0.10.2,<0.11'
+# Example, ViT-B MAE on 8 GPUs, batch 4096 as 2 micro-batches of 2048, bf16 compute:
+#   launch/gpu.sh -- --config=configs/mae_vitb.py --workdir=workdirs/mae_vitb --config.data.source=tfds \
+#       --config.data.name=imagenet2012 --config.model.dtype=bfloat16 --config.train.grad_accum_steps=2
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GPUS="${CUDA_VISIBLE_DEVICES:-}"
+PYTHON="${PYTHON:-python3}"
+MEM_FRACTION=0.9
+DRY_RUN=0
+MAIN_ARGS=()
+
+usage() {
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+  exit "${1:-0}"
+}
+
+die() {
+  echo "launch/gpu.sh: error: $*" >&2
+  exit 2
+}
+
+quote() {
+  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$1"
+  else
+    printf "'%s'" "${1//\'/\'\\\'\'}"
+  fi
+}
+
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --gpus=*) GPUS="${1#*=}" ;;
+    --python=*) PYTHON="${1#*=}" ;;
+    --mem-fraction=*) MEM_FRACTION="${1#*=}" ;;
+    --dry-run) DRY_RUN=1 ;;
+    -h | --help) usage 0 ;;
+    --)
+      shift
+      MAIN_ARGS=("$@")
+      break
+      ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+  shift
+done
+[[ ${#MAIN_ARGS[@]} -gt 0 ]] || die "give the training arguments after --, e.g. -- --config=configs/mae_vitb.py --workdir=DIR"
+[[ -z "$GPUS" || "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus=$GPUS: expected a list like 0,1,2,3"
+
+COMMAND=(env)
+if [[ -n "$GPUS" ]]; then
+  COMMAND+=("CUDA_VISIBLE_DEVICES=$GPUS")
+fi
+# One process per host: never initialise jax.distributed here, even inside a SLURM allocation.
+COMMAND+=(MAE_JAX_DISTRIBUTED=0 "XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION"
+  "$PYTHON" -m mae_jax.main "${MAIN_ARGS[@]}")
+
+cd "$REPO"
+if [[ "$DRY_RUN" == 1 ]]; then
+  words=()
+  for word in "${COMMAND[@]}"; do
+    words+=("$(quote "$word")")
+  done
+  echo "cd $(quote "$REPO") && ${words[*]}"
+else
+  exec "${COMMAND[@]}"
+fi

@@ -1,0 +1,191 @@
+"""Sharding: the mesh and FSDP rules, and the same training on every mesh of 8 simulated CPU devices.
+
+The multi-device part runs this file as a script in a subprocess with 8 CPU devices (see conftest.py):
+  python tests/test_sharding.py meshes
+"""
+import json
+import sys
+from types import SimpleNamespace
+
+import ml_collections
+import numpy as np
+import pytest
+
+from mae_jax import sharding
+
+STEPS = 5
+MESHES = {'1 device': (1, 1, 1), 'data=8': (8, 1, 8), 'fsdp=8': (1, 8, 8), 'data=2 x fsdp=4': (2, 4, 8)}
+
+
+# ---- pure rules, no devices ----
+
+@pytest.mark.parametrize('shape, itemsize, fsdp, min_mb, expected', [
+    ((768, 3072), 4, 8, 4.0, (None, 'fsdp')),       # 9 MiB: the largest divisible dim
+    ((3072, 768), 4, 8, 4.0, ('fsdp', None)),
+    ((768, 768), 4, 8, 4.0, ()),                    # 2.25 MiB: under the threshold, replicated
+    ((768, 768), 4, 8, 0.0, ('fsdp', None)),        # ties: the first largest dim
+    ((1, 1, 64), 4, 8, 0.0, (None, None, 'fsdp')),
+    ((999, 1001), 4, 8, 0.0, ()),                   # nothing divisible: replicated
+    ((1028, 1000), 4, 8, 0.0, (None, 'fsdp')),      # the largest dim does not divide: the next one
+    ((4096, 4096), 4, 1, 0.0, ()),                  # no fsdp axis
+])
+def test_fsdp_spec(shape, itemsize, fsdp, min_mb, expected):
+  assert tuple(sharding.fsdp_spec(shape, itemsize, fsdp, min_mb)) == expected
+
+
+def mesh_config(**kw):
+  return ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'fsdp_min_size_mb': 4.0, 'dcn_data': 1, 'dcn_fsdp': 1,
+                                    **kw})
+
+
+def test_mesh_shape_fills_and_explains():
+  assert sharding.mesh_shape(mesh_config(), 8) == (8, 1)
+  assert sharding.mesh_shape(mesh_config(data=1, fsdp=-1), 8) == (1, 8)
+  assert sharding.mesh_shape(mesh_config(data=2, fsdp=-1), 8) == (2, 4)
+  with pytest.raises(sharding.MeshError, match='only one axis may be -1'):
+    sharding.mesh_shape(mesh_config(data=-1, fsdp=-1), 8)
+  with pytest.raises(sharding.MeshError, match='not divisible by 3'):
+    sharding.mesh_shape(mesh_config(data=-1, fsdp=3), 8)
+  with pytest.raises(sharding.MeshError, match='needs 4 devices, but 8'):
+    sharding.mesh_shape(mesh_config(data=2, fsdp=2), 8)
+
+
+def test_dcn_shape():
+  assert sharding.dcn_shape(mesh_config(dcn_data=2), (4, 2)) == (2, 1)
+  with pytest.raises(sharding.MeshError, match='dcn_data=3 must be >= 1 and divide config.mesh.data=4'):
+    sharding.dcn_shape(mesh_config(dcn_data=3), (4, 2))
+
+
+def test_granules_are_slices_only_across_several():
+  dev = lambda slice_index, process: SimpleNamespace(slice_index=slice_index, process_index=process)
+  assert sharding.granules([dev(0, 0), dev(1, 1)]) == 'slice'
+  assert sharding.granules([dev(0, 0), dev(0, 1)]) == 'process'   # one slice: GPU nodes are processes
+  assert sharding.granules([SimpleNamespace(process_index=0)]) == 'process'
+
+
+def test_hybrid_mesh_needs_one_granule_per_dcn_index():
+  import jax  # the pytest process's devices, all of one process
+  config = mesh_config(data=2 * len(jax.devices()), dcn_data=2)
+  with pytest.raises(sharding.MeshError, match='hybrid mesh'):
+    sharding.create_mesh(config, jax.devices() * 2)
+
+
+# ---- 8 simulated devices, in a subprocess ----
+
+@pytest.fixture(scope='module')
+def mesh_results(run_worker):
+  """One subprocess with 8 CPU devices trains the tiny config on every mesh (and once in bfloat16)."""
+  return run_worker(__file__, 'meshes', num_devices=8, timeout=400)
+
+
+@pytest.mark.multidevice
+def test_every_mesh_trains_the_same(mesh_results):
+  results = mesh_results
+  reference = np.array(results['1 device']['losses'])
+  assert reference.shape == (STEPS,) and np.all(np.isfinite(reference))
+  assert reference[-1] < reference[0]
+  for name in MESHES:
+    got = results[name]
+    np.testing.assert_allclose(got['losses'], reference, rtol=0, atol=1e-5, err_msg=name)
+    assert got['created_sharded'] and got['kept_sharding'], name
+  # FSDP really shards: every parameter of the tiny model is split over 'fsdp' (threshold 0) ...
+  assert all('fsdp' in spec for spec in results['fsdp=8']['specs'].values())
+  assert all('fsdp' not in spec for spec in results['data=8']['specs'].values())
+  assert results['fsdp=8']['specs']['encoder/blocks_0/mlp/fc1/kernel'] in ("P(None, 'fsdp')", "P('fsdp', None)")
+  # ... so each device holds 1/8 of the parameters (1/4 on data=2 x fsdp=4), the replicated meshes all of them.
+  full = results['1 device']['param_bytes_per_device']
+  assert results['data=8']['param_bytes_per_device'] == full
+  assert results['fsdp=8']['param_bytes_per_device'] == pytest.approx(full / 8, rel=0.01)
+  assert results['data=2 x fsdp=4']['param_bytes_per_device'] == pytest.approx(full / 4, rel=0.01)
+  # The optimizer moments follow the parameters.
+  assert results['fsdp=8']['opt_bytes_per_device'] == pytest.approx(results['1 device']['opt_bytes_per_device'] / 8,
+                                                                     rel=0.01)
+
+
+@pytest.mark.multidevice
+def test_bfloat16_compute_keeps_float32_master_weights(mesh_results):
+  result = mesh_results['bfloat16']
+  assert result['param_dtypes'] == ['float32'] and result['opt_dtypes'] == ['float32']
+  assert result['bf16_dots'] > 0  # the matmuls run in bfloat16
+  losses = np.array(result['losses'])
+  assert np.all(np.isfinite(losses))
+  # The same training up to bfloat16 rounding.
+  np.testing.assert_allclose(losses, mesh_results['1 device']['losses'], rtol=0.03)
+
+
+@pytest.mark.multidevice
+def test_bench_smoke(subprocess_python):
+  out = subprocess_python(['-m', 'mae_jax.bench', '--config=configs/mae_tiny_cpu.py', '--steps=2', '--warmup=1',
+                           '--config.model.variant=pico/4', '--config.mesh.data=2', '--config.mesh.fsdp=4',
+                           '--config.mesh.fsdp_min_size_mb=0', '--simulate_devices=8'], timeout=300).stdout
+  for field in ('mesh {\'data\': 2, \'fsdp\': 4}', 'step time', 'images/s', 'FLOP/s per device', 'MFU',
+                'memory per device', 'finite: True'):
+    assert field in out, out
+
+
+# ---- the subprocess side ----
+
+def tiny_config(data, fsdp, **overrides):
+  from configs import mae_tiny_cpu
+  c = mae_tiny_cpu.get_config()
+  c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size_mb=0)
+  c.train.num_steps = STEPS
+  c.data.eval_split = ''
+  for key, value in overrides.items():
+    section, field = key.split('__')
+    c[section][field] = value
+  return c
+
+
+def per_device_bytes(tree):
+  import jax
+  return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+
+
+def train_run(config, num_devices):
+  """Trains `config` on the first `num_devices` devices; returns the figures the tests check."""
+  import jax
+  from mae_jax import train
+  trainer = train.Trainer(config, devices=jax.devices()[:num_devices])
+  state = trainer.init_state()
+  same = lambda tree: all(x.sharding == s for x, s in zip(jax.tree.leaves(tree), jax.tree.leaves(trainer.state_sharding)))
+  created_sharded = same(state)
+  out = {'param_bytes_per_device': per_device_bytes(state['params']),
+         'opt_bytes_per_device': per_device_bytes(state['opt_state']),
+         'specs': {jax.tree_util.keystr(path, simple=True, separator='/'): str(x.sharding.spec)
+                   for path, x in jax.tree_util.tree_leaves_with_path(state['params'])}}
+  losses = []
+  for local_batch in trainer.loader.iterate(0, STEPS, prefetch=0):
+    state, metrics = trainer.train_step(state, sharding.global_batch(local_batch, trainer.mesh))
+    losses.append(float(metrics['loss']))
+  out.update(losses=losses, created_sharded=created_sharded, kept_sharding=same(state), trainer=trainer, state=state)
+  return out
+
+
+def worker_meshes():
+  results = {}
+  for name, (data, fsdp, devices) in MESHES.items():
+    out = train_run(tiny_config(data, fsdp), devices)
+    del out['trainer'], out['state']
+    results[name] = out
+  results['bfloat16'] = bfloat16_run()
+  return results
+
+
+def bfloat16_run():
+  import jax
+  run = train_run(tiny_config(1, 1, model__dtype='bfloat16'), 1)
+  trainer, state = run['trainer'], run['state']
+  hlo = trainer.train_step.lower(trainer.abstract_state, {
+      k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(trainer.mesh))
+      for k, v in next(trainer.loader.iterate(0, 1, 0)).items()}).as_text()
+  bf16_dots = sum(1 for line in hlo.splitlines() if 'dot_general' in line and 'xbf16>' in line)
+  return {'losses': run['losses'], 'bf16_dots': bf16_dots,
+          'param_dtypes': sorted({str(x.dtype) for x in jax.tree.leaves(state['params'])}),
+          'opt_dtypes': sorted({str(x.dtype) for x in jax.tree.leaves(state['opt_state']) if x.ndim})}
+
+
+if __name__ == '__main__':
+  import jax
+  assert len(jax.devices()) == 8, jax.devices()
+  print(json.dumps({'meshes': worker_meshes}[sys.argv[1]]()), flush=True)
