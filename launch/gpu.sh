@@ -16,48 +16,23 @@
 #       --config.data.name=imagenet2012 --config.model.dtype=bfloat16 --config.train.grad_accum_steps=2
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 GPUS="${CUDA_VISIBLE_DEVICES:-}"
 PYTHON="${PYTHON:-python3}"
 MEM_FRACTION=0.9
-DRY_RUN=0
-MAIN_ARGS=()
 
-usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
-die() {
-  echo "launch/gpu.sh: error: $*" >&2
-  exit 2
-}
-
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-while [[ $# -gt 0 ]]; do
+parse_option() {
   case "$1" in
     --gpus=*) GPUS="${1#*=}" ;;
     --python=*) PYTHON="${1#*=}" ;;
     --mem-fraction=*) MEM_FRACTION="${1#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage 0 ;;
-    --)
-      shift
-      MAIN_ARGS=("$@")
-      break
-      ;;
-    *) die "unknown option $1 (see --help)" ;;
+    *) return 1 ;;
   esac
-  shift
-done
-[[ ${#MAIN_ARGS[@]} -gt 0 ]] || die "give the training arguments after --, e.g. -- --config=configs/mae_vitb.py --workdir=DIR"
+}
+
+parse_args "$@"
+require_main_args
 [[ -z "$GPUS" || "$GPUS" =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus=$GPUS: expected a list like 0,1,2,3"
 
 COMMAND=(env)
@@ -70,11 +45,7 @@ COMMAND+=(MAE_JAX_DISTRIBUTED=0 "XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION"
 
 cd "$REPO"
 if [[ "$DRY_RUN" == 1 ]]; then
-  words=()
-  for word in "${COMMAND[@]}"; do
-    words+=("$(quote "$word")")
-  done
-  echo "cd $(quote "$REPO") && ${words[*]}"
+  echo "cd $(quote "$REPO") && $(quote_all "${COMMAND[@]}")"
 else
   exec "${COMMAND[@]}"
 fi

@@ -28,54 +28,19 @@
 # The mesh then spans all 32 GPUs; --config.mesh.dcn_data=4 keeps FSDP's all-gathers inside each node.
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NODES=2
 GPUS_PER_NODE=8
 PER=node
 PYTHON="${PYTHON:-python3}"
 PORT=''
 STEP=0
-DRY_RUN=0
 SBATCH_EXTRA=()
 JOB_NAME=mae_jax
 MODULE=mae_jax.main
-MAIN_ARGS=()
 
-usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
-die() {
-  echo "launch/slurm.sh: error: $*" >&2
-  exit 2
-}
-
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-quote_all() {
-  local words=() word
-  for word in "$@"; do
-    words+=("$(quote "$word")")
-  done
-  echo "${words[*]}"
-}
-
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    quote_all "$@"
-  else
-    "$@"
-  fi
-}
-
-while [[ $# -gt 0 ]]; do
+parse_option() {
   case "$1" in
     --nodes=*) NODES="${1#*=}" ;;
     --gpus-per-node=*) GPUS_PER_NODE="${1#*=}" ;;
@@ -87,18 +52,12 @@ while [[ $# -gt 0 ]]; do
     --module=*) MODULE="${1#*=}" ;;
     --repo=*) REPO="${1#*=}" ;;
     --step) STEP=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage 0 ;;
-    --)
-      shift
-      MAIN_ARGS=("$@")
-      break
-      ;;
-    *) die "unknown option $1 (see --help)" ;;
+    *) return 1 ;;
   esac
-  shift
-done
-[[ ${#MAIN_ARGS[@]} -gt 0 ]] || die "give the training arguments after --, e.g. -- --config=configs/mae_vitb.py --workdir=DIR"
+}
+
+parse_args "$@"
+require_main_args
 [[ "$PER" == node || "$PER" == gpu ]] || die "--per=$PER: use node or gpu"
 [[ "$NODES" =~ ^[1-9][0-9]*$ && "$GPUS_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "--nodes and --gpus-per-node must be positive"
 

@@ -33,7 +33,8 @@
 #       --config.data.name=imagenet2012
 set -euo pipefail
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+# shellcheck source=SCRIPTDIR/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 NAME="${TPU_NAME:-mae-jax}"
 ZONE="${TPU_ZONE:-us-central2-b}"
 TYPE="${TPU_TYPE:-v4-8}"
@@ -41,46 +42,12 @@ VERSION="${TPU_VERSION:-}"
 PROJECT="${TPU_PROJECT:-}"
 SPOT=0
 WORKER=0
-DRY_RUN=0
 MODULE=mae_jax.main
 RUN_ENV=()
-MAIN_ARGS=()
 JAX_TPU='jax[tpu]>=0.10.2,<0.11'
 # Paths on the workers: the ~ expands there, in the remote shell.
 # shellcheck disable=SC2088
 REMOTE_DIR='~/mae_jax' REMOTE_VENV='~/mae_jax_venv' REMOTE_LOG='~/mae_jax.log' REMOTE_PID='~/mae_jax.pid'
-
-usage() {
-  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
-die() {
-  echo "launch/tpu_vm.sh: error: $*" >&2
-  exit 2
-}
-
-# Shell-quotes one word readably: bare when safe, else in single quotes.
-quote() {
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-# Runs a command, or prints it (copy-pastable) with --dry-run.
-run() {
-  if [[ "$DRY_RUN" == 1 ]]; then
-    local words=() word
-    for word in "$@"; do
-      words+=("$(quote "$word")")
-    done
-    echo "${words[*]}"
-  else
-    "$@"
-  fi
-}
 
 default_version() {
   case "$1" in
@@ -132,14 +99,10 @@ cmd_install() {
 }
 
 cmd_run() {
-  [[ ${#MAIN_ARGS[@]} -gt 0 ]] || die "run needs the training arguments after --, e.g. -- --config=configs/mae_vitb.py --workdir=gs://BUCKET/run"
-  local quoted_args='' quoted_env='' word
-  for word in "${MAIN_ARGS[@]}"; do
-    quoted_args+="$(quote "$word") "
-  done
-  for word in MAE_JAX_DISTRIBUTED=1 ${RUN_ENV[@]+"${RUN_ENV[@]}"}; do
-    quoted_env+="$(quote "$word") "
-  done
+  require_main_args "run needs the training arguments after --, e.g. -- --config=configs/mae_vitb.py --workdir=gs://BUCKET/run"
+  local quoted_args quoted_env
+  quoted_args="$(quote_all "${MAIN_ARGS[@]}") "
+  quoted_env="$(quote_all MAE_JAX_DISTRIBUTED=1 ${RUN_ENV[@]+"${RUN_ENV[@]}"}) "
   # setsid + nohup: the run survives the ssh session; its process group id is in ~/mae_jax.pid for `stop`.
   ssh_all all "cd $REMOTE_DIR || exit 1; setsid nohup env ${quoted_env}$REMOTE_VENV/bin/python -m $(quote "$MODULE") \
 ${quoted_args}> $REMOTE_LOG 2>&1 < /dev/null & echo \$! > $REMOTE_PID; echo \"\$(hostname): started pid \$!\""
@@ -159,7 +122,7 @@ cmd_delete() {
 
 [[ $# -gt 0 ]] || usage 2
 COMMAND=''
-while [[ $# -gt 0 ]]; do
+parse_option() {
   case "$1" in
     create | install | run | logs | stop | delete | all | help)
       [[ -z "$COMMAND" ]] || die "two commands: $COMMAND and $1"
@@ -174,17 +137,10 @@ while [[ $# -gt 0 ]]; do
     --worker=*) WORKER="${1#*=}" ;;
     --env=*=*) RUN_ENV+=("${1#--env=}") ;;
     --module=*) MODULE="${1#*=}" ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help) usage 0 ;;
-    --)
-      shift
-      MAIN_ARGS=("$@")
-      break
-      ;;
-    *) die "unknown option $1 (see --help)" ;;
+    *) return 1 ;;
   esac
-  shift
-done
+}
+parse_args "$@"
 case "$COMMAND" in
   '') die "no command (create, install, run, logs, stop, delete, all; see --help)" ;;
   help) usage 0 ;;
