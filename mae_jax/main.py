@@ -1,20 +1,25 @@
-"""Command line: python -m mae_jax.main --config=configs/mae_vitb.py --workdir=DIR [--config.train.batch_size=N]."""
+"""Command line: python -m mae_jax.main --config=configs/mae_vitb.py --workdir=DIR [--config.train.batch_size=N].
+
+Multi-process runs add --coordinator_address/--num_processes/--process_id, or set MAE_JAX_DISTRIBUTED=1 where
+JAX detects the cluster (TPU VMs, SLURM, Open MPI); see `mae_jax/distributed.py` and `launch/`.
+"""
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mae_jax import checkpoint
 from mae_jax import config as config_lib
-from mae_jax import sharding
+from mae_jax import distributed, sharding
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs; an existing run there is resumed.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def fail(message):
+def fail(message, exit_code=2):
   print(f'mae_jax: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(exit_code)
 
 
 def innermost_message(error):
@@ -43,11 +48,18 @@ def main(argv):
     config.objective  # a config file that failed to load raises only when first used
   except OSError as e:
     fail(innermost_message(e))
-  from mae_jax import train  # imports jax: after flag parsing, so --help and flag errors are instant
+  try:
+    if distributed.initialize_from_flags():  # before anything touches a device
+      distributed.log(f'Joined a multi-process run: {distributed.describe()}')
+  except distributed.DistributedError as e:
+    fail(e)
+  from mae_jax import train  # after distributed initialisation: nothing may touch a device before it
   try:
     train.train_and_evaluate(config, flags.FLAGS.workdir)
   except (config_lib.ConfigError, sharding.MeshError) as e:
     fail(e)
+  except (train.NonFiniteError, checkpoint.CheckpointError) as e:  # faults during the run, not usage errors
+    fail(e, exit_code=1)
 
 
 if __name__ == '__main__':
