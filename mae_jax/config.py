@@ -29,24 +29,41 @@ def base_config():
       dropout=0.0,
       dtype='float32',         # compute dtype; parameters stay float32, attention softmax is float32
       remat=False,             # rematerialise transformer blocks (trade compute for memory)
+      remat_policy='full',     # with remat: full (save nothing) | dots (save matmul outputs) | dots_no_batch
       decoder=dict(width=512, depth=8, num_heads=16),
   ))
 
   c.mae = ml_collections.ConfigDict(dict(mask_ratio=0.75, norm_pix_loss=True))
 
+  # GAN-MAE (objective='gan_mae'; also reads config.mae). docs/gan_mae.md gives the reason for each default.
+  c.gan_mae = ml_collections.ConfigDict(dict(
+      update_scheme='alternating',  # alternating: a generator update, then a discriminator one | joint: one update
+      adv_weight_mode='adaptive',  # adaptive: VQGAN's ||grad rec|| / (||grad adv|| + 1e-4) at decoder_pred | constant
+      adv_weight=0.1,              # the constant weight, or the factor on the adaptive one
+      adv_weight_max=1e4,          # clamp of the adaptive ratio (VQGAN's)
+      disc_weight=1.0,             # weight of the discriminator's replaced-patch loss
+      disc_loss='mean',            # mean: BCE over all patches | balanced: mean of the real and the fake patches' BCE
+      adv_through_disc_encoder=False,  # True: the adversarial term also moves the encoder in its discriminator role
+  ))
+
   c.data = ml_collections.ConfigDict(dict(
       source='embedded',       # embedded | tfds | folder
       name='digits',           # embedded dataset name, TFDS name, or image-folder root
-      data_dir='',             # TFDS data dir
+      data_dir='',             # TFDS data dir ('' = TFDS's default, $TFDS_DATA_DIR or ~/tensorflow_datasets)
+      image_key='image',       # TFDS feature names of the image and the label ('' label_key: unlabelled)
+      label_key='label',
       train_split='train',
       eval_split='test',       # labelled split for kNN ('' disables kNN)
       img_size=224,
       crop_scale=(0.2, 1.0),   # RandomResizedCrop(scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic) + flip
       crop_ratio=(3 / 4, 4 / 3),
       hflip=True,
-      mean=IMAGENET_MEAN,
+      interpolation='bicubic', # RandomResizedCrop resampling: bicubic (MAE, GAN-MAE, MR-MAE) | bilinear (MAGE)
+      mean=IMAGENET_MEAN,      # MAGE feeds [0, 1] pixels to its VQGAN: mean=(0, 0, 0), std=(1, 1, 1)
       std=IMAGENET_STD,
-      prefetch=2,              # batches prepared ahead on a background thread
+      prefetch=2,              # batches decoded ahead of the one being trained on
+      num_workers=0,           # image-decoding threads per process; 0 = the CPU cores (at most 32)
+      max_pixels=64_000_000,   # larger images: JPEGs decoded at 1/2..1/8 size, others skipped (and counted)
   ))
 
   c.train = ml_collections.ConfigDict(dict(
@@ -60,12 +77,18 @@ def base_config():
       b2=0.95,
       num_steps=-1,            # > 0 overrides epochs (for smoke tests and benchmarks)
       grad_accum_steps=1,      # micro-batches per step: the paper's batch of 4096 on fewer devices
+      on_nonfinite='stop',     # a non-finite loss or gradient: 'stop' (as the reference) or 'skip' the update
+      max_consecutive_nonfinite=5,  # with 'skip', stop anyway after this many in a row
+      grad_clip=0.0,           # clip the global gradient norm to this value; 0 = off (MAE's recipe has none)
   ))
 
   # Device mesh: -1 fills the remaining devices. Arrays of at least fsdp_min_size_mb are sharded over 'fsdp'.
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size_mb=4.0))
+  # dcn_<axis>: how many slices (TPU multi-slice) or processes (GPU nodes) that axis spans; it divides <axis>.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size_mb=4.0, dcn_data=1, dcn_fsdp=1))
 
-  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
+  # Keep the newest `keep` checkpoints, plus every `keep_every_steps`-th step (0: none) for the record.
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_every_steps=0))
+  c.init_from = ''  # warm start: a workdir or an imported params file; loads the params that match by name and shape
 
   c.log = ml_collections.ConfigDict(dict(
       every_steps=50,
@@ -78,6 +101,7 @@ def base_config():
       knn_k=20,
       knn_temperature=0.07,
       knn_batch_size=256,
+      knn_bank_size=0,         # training images in the kNN bank, evenly spaced; 0 = the whole split
   ))
   return c
 
@@ -101,12 +125,31 @@ def validate(config):
   _require(config.model.dtype in DTYPES, f'config.model.dtype={config.model.dtype!r} is not one of {DTYPES}')
   _require(0.0 <= config.model.drop_path_rate < 1.0, 'config.model.drop_path_rate must be in [0, 1)')
   _require(0.0 < config.mae.mask_ratio < 1.0, f'config.mae.mask_ratio={config.mae.mask_ratio} must be in (0, 1)')
+  g = config.gan_mae
+  _require(g.update_scheme in ('alternating', 'joint'),
+           f"config.gan_mae.update_scheme={g.update_scheme!r} is not 'alternating' or 'joint'")
+  _require(g.adv_weight_mode in ('adaptive', 'constant'),
+           f"config.gan_mae.adv_weight_mode={g.adv_weight_mode!r} is not 'adaptive' or 'constant'")
+  _require(g.disc_loss in ('mean', 'balanced'), f"config.gan_mae.disc_loss={g.disc_loss!r} is not 'mean' or 'balanced'")
+  _require(g.adv_weight >= 0 and g.adv_weight_max > 0 and g.disc_weight > 0,
+           'config.gan_mae: adv_weight >= 0, adv_weight_max > 0, disc_weight > 0')
+  _require(not (config.objective == 'gan_mae' and config.mae.norm_pix_loss),
+           'config.mae.norm_pix_loss=True does not work with GAN-MAE: the discriminator sees generated patches next '
+           'to real ones, so predictions must be in the input pixel space; set --config.mae.norm_pix_loss=False '
+           '(docs/gan_mae.md)')
   _require(config.data.source in DATA_SOURCES,
            f'config.data.source={config.data.source!r} is not one of {DATA_SOURCES}')
   lo, hi = config.data.crop_scale
   _require(0.0 < lo <= hi <= 1.0, f'config.data.crop_scale={tuple(config.data.crop_scale)} must satisfy 0 < lo <= hi <= 1')
   _require(len(config.data.mean) == 3 and len(config.data.std) == 3 and min(config.data.std) > 0,
            'config.data.mean and config.data.std need three values, std > 0')
+  _require(config.data.interpolation in ('bicubic', 'bilinear'),
+           f"config.data.interpolation={config.data.interpolation!r} is not 'bicubic' or 'bilinear'")
+  lo, hi = config.data.crop_ratio
+  _require(0.0 < lo <= hi, f'config.data.crop_ratio={tuple(config.data.crop_ratio)} must satisfy 0 < lo <= hi')
+  _require(config.data.num_workers >= 0 and config.data.prefetch >= 0 and config.data.max_pixels > 0,
+           'config.data: num_workers >= 0 (0 = auto), prefetch >= 0, max_pixels > 0')
+  _require(bool(config.data.name), 'config.data.name is empty: name the embedded dataset, TFDS dataset or image folder')
   t = config.train
   _require(t.batch_size > 0, f'config.train.batch_size={t.batch_size} must be positive')
   _require(t.grad_accum_steps >= 1, f'config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
@@ -118,7 +161,14 @@ def validate(config):
   for axis in ('data', 'fsdp'):
     size = config.mesh[axis]
     _require(size == -1 or size >= 1, f'config.mesh.{axis}={size} must be -1 (fill) or >= 1')
+    _require(config.mesh[f'dcn_{axis}'] >= 1, f'config.mesh.dcn_{axis} must be >= 1')
+  _require(t.grad_clip >= 0, f'config.train.grad_clip={t.grad_clip} must be >= 0 (0 = off)')
+  _require(config.model.remat_policy in vit.REMAT_POLICIES,
+           f'config.model.remat_policy={config.model.remat_policy!r} is not one of {sorted(vit.REMAT_POLICIES)}')
   _require(config.checkpoint.every_steps > 0 and config.checkpoint.keep > 0,
            'config.checkpoint.every_steps and config.checkpoint.keep must be positive')
+  _require(config.checkpoint.keep_every_steps >= 0, 'config.checkpoint.keep_every_steps must be >= 0')
+  _require(t.on_nonfinite in ('stop', 'skip'), f"config.train.on_nonfinite={t.on_nonfinite!r} is not 'stop' or 'skip'")
+  _require(t.max_consecutive_nonfinite >= 1, 'config.train.max_consecutive_nonfinite must be >= 1')
   _require(config.log.every_steps > 0, 'config.log.every_steps must be positive')
   _require(config.eval.knn_k > 0, 'config.eval.knn_k must be positive')

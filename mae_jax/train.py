@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from mae_jax import checkpoint, data, metrics, objectives, optim, sharding
+from mae_jax import checkpoint, data, metrics, objectives, optim, preemption, sharding
 from mae_jax import config as config_lib
 from mae_jax.evaluate.knn import KnnEvaluator
 
@@ -37,12 +37,48 @@ def total_steps(config, steps_per_epoch):
   return config.train.num_steps if config.train.num_steps > 0 else config.train.epochs * steps_per_epoch
 
 
+class NonFiniteError(RuntimeError):
+  """The loss or the gradients stopped being finite; the last checkpoint is intact."""
+
+
 def make_init_fn(objective, tx, seed):
   def init_state(rng):
     params = objective.init(rng)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
-            'rng': jax.random.key_data(jax.random.key(seed))}
+    zero = jnp.zeros((), jnp.int32)
+    return {'step': zero, 'params': params, 'opt_state': tx.init(params),
+            'rng': jax.random.key_data(jax.random.key(seed)),
+            'nonfinite': {'total': zero, 'consecutive': zero, 'last_step': zero - 1}}
   return init_state
+
+
+def skip_nonfinite(train_step):
+  """Keeps the previous params and optimizer state when the loss or gradients are not finite, and
+  counts it in the state; the host decides whether to stop (`check_nonfinite`)."""
+  def guarded(state, batch):
+    new, step_metrics = train_step(state, batch)
+    finite = jnp.isfinite(step_metrics['loss']) & jnp.isfinite(step_metrics['grad_norm'])
+    keep_if_bad = lambda updated, previous: jnp.where(finite, updated, previous)
+    counts = state['nonfinite']
+    new = {**new, 'params': jax.tree.map(keep_if_bad, new['params'], state['params']),
+           'opt_state': jax.tree.map(keep_if_bad, new['opt_state'], state['opt_state']),
+           'nonfinite': {'total': counts['total'] + (~finite).astype(jnp.int32),
+                         'consecutive': jnp.where(finite, 0, counts['consecutive'] + 1),
+                         'last_step': jnp.where(finite, counts['last_step'], new['step'])}}
+    return new, {**step_metrics, 'nonfinite_steps': new['nonfinite']['total']}
+  return guarded
+
+
+def check_nonfinite(state, train_config):
+  """Raises NonFiniteError per `config.train.on_nonfinite`; returns the number of skipped steps."""
+  counts = jax.device_get(state['nonfinite'])
+  total, consecutive, last = int(counts['total']), int(counts['consecutive']), int(counts['last_step'])
+  if total and (train_config.on_nonfinite == 'stop' or consecutive >= train_config.max_consecutive_nonfinite):
+    why = ('config.train.on_nonfinite=stop' if train_config.on_nonfinite == 'stop' else
+           f'{consecutive} consecutive non-finite steps (config.train.max_consecutive_nonfinite)')
+    raise NonFiniteError(f'non-finite loss or gradients at step {last} ({why}); its update was not applied and '
+                         'the last checkpoint is intact. Lower the learning rate, or set '
+                         'config.train.on_nonfinite=skip to skip such steps.')
+  return total
 
 
 def with_example_keys(batch, rng):
@@ -53,9 +89,15 @@ def with_example_keys(batch, rng):
 
 
 def make_train_step(objective, tx, schedule, grad_accum_steps=1):
-  grad_fn = jax.value_and_grad(lambda params, batch, rng: objective.loss_fn(params, batch, rng, True), has_aux=True)
+  """The step: for each of `objective.update_phases()` in order (one by default), gradients of its loss,
+  averaged over `grad_accum_steps` micro-batches, then its optimizer update (`tx.update(..., phase=name)`
+  when there are several phases; see `Objective.update_phases`)."""
+  phases = tuple(objective.update_phases())
+  several = len(phases) > 1
+  grad_fns = [jax.value_and_grad(lambda params, batch, rng, loss_fn=phase.loss_fn: loss_fn(params, batch, rng, True),
+                                 has_aux=True) for phase in phases]
 
-  def gradients(params, batch, rng):
+  def gradients(grad_fn, params, batch, rng):
     """Loss, metrics and gradients of the batch, accumulated over `grad_accum_steps` micro-batches."""
     if grad_accum_steps == 1:
       return grad_fn(params, batch, rng)
@@ -74,10 +116,20 @@ def make_train_step(objective, tx, schedule, grad_accum_steps=1):
     # A fresh key per step, folded inside jit: the same on every mesh, and restored with the step.
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     example_rng, rng = jax.random.split(rng)
-    (loss, step_metrics), grads = gradients(state['params'], with_example_keys(batch, example_rng), rng)
-    updates, opt_state = tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    step_metrics = {**step_metrics, 'loss': loss, 'lr': schedule(state['step']), 'grad_norm': optax.global_norm(grads)}
+    batch = with_example_keys(batch, example_rng)
+    params, opt_state, step_metrics, losses, norms = state['params'], state['opt_state'], {}, [], []
+    for index, (phase, grad_fn) in enumerate(zip(phases, grad_fns)):
+      (loss, phase_metrics), grads = gradients(grad_fn, params, batch, jax.random.fold_in(rng, index) if several else rng)
+      updates, opt_state = tx.update(grads, opt_state, params, **({'phase': phase.name} if several else {}))
+      params = optax.apply_updates(params, updates)
+      losses.append(loss)
+      norms.append(optax.tree.norm(grads))
+      step_metrics.update(phase_metrics)
+      if several:
+        step_metrics.update({f'loss/phase_{phase.name}': loss, f'grad_norm/{phase.name}': norms[-1]})
+    step_metrics.update({
+        'loss': losses[0] if not several else sum(losses), 'lr': schedule(state['step']),
+        'grad_norm': norms[0] if not several else jnp.sqrt(sum(n**2 for n in norms))})
     return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
   return train_step
 
@@ -85,7 +137,7 @@ def make_train_step(objective, tx, schedule, grad_accum_steps=1):
 class Trainer:
   """Everything built from the config, before any step runs (also used by the benchmark and tests)."""
 
-  def __init__(self, config, workdir=None, devices=None):
+  def __init__(self, config, workdir=None, devices=None, loader=None):
     config_lib.validate(config)
     if workdir is not None:
       check_workdir(workdir)
@@ -93,7 +145,8 @@ class Trainer:
     self.mesh = sharding.create_mesh(config.mesh, devices)
     check_batch(config, self.mesh)
     self.objective = objectives.create(config)
-    self.loader = data.train_loader(config, jax.process_index(), jax.process_count())
+    # `loader`: anything with `steps_per_epoch` and `iterate` (the benchmark's synthetic batches).
+    self.loader = loader or data.train_loader(config, jax.process_index(), jax.process_count())
     self.total_steps = total_steps(config, self.loader.steps_per_epoch)
     self.schedule = optim.learning_rate_schedule(config.train, self.loader.steps_per_epoch, self.total_steps)
     abstract_params = jax.eval_shape(self.objective.init, jax.random.key(0))
@@ -103,7 +156,8 @@ class Trainer:
     self.state_sharding = sharding.state_shardings(abstract_state, self.mesh, config.mesh.fsdp_min_size_mb)
     self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                        abstract_state, self.state_sharding)
-    self.train_step = jax.jit(make_train_step(self.objective, self.tx, self.schedule, config.train.grad_accum_steps),
+    step_fn = make_train_step(self.objective, self.tx, self.schedule, config.train.grad_accum_steps)
+    self.train_step = jax.jit(skip_nonfinite(step_fn),
                               in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
                               out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
                               donate_argnums=(0,))
@@ -114,19 +168,35 @@ class Trainer:
     return init(jax.random.key(self.config.seed))
 
 
+def warm_start(state, trainer, source):
+  """Replaces the initial params with those of `source` (a run's workdir or an imported params file) that
+  match by name and shape."""
+  if os.path.isdir(checkpoint.directory(source)):
+    _, params = checkpoint.load_params(source)
+  else:
+    from mae_jax.export import load_init_params  # an imported PyTorch release (python -m mae_jax.export import)
+    params = load_init_params(source)
+  merged = checkpoint.merge_matching(jax.device_get(state['params']), params, source)
+  return {**state, 'params': jax.device_put(merged, trainer.state_sharding['params'])}
+
+
 def train_and_evaluate(config, workdir):
-  """Pretrains per `config` in `workdir`, resuming from the latest checkpoint there if any."""
+  """Pretrains per `config` in `workdir`, resuming from the latest checkpoint there if any.
+
+  Killed at any moment and restarted with the same command, a run ends bitwise identical to an
+  uninterrupted one: the state, the RNG and the data position all come back from the checkpoint.
+  """
   trainer = Trainer(config, workdir)
   cfg, mesh, objective = config, trainer.mesh, trainer.objective
-  ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint.every_steps, cfg.checkpoint.keep)
-  start = ckpt.latest_step()
   is_chief = jax.process_index() == 0
-  if start is None:
+  ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint)
+  state, start = ckpt.restore_latest(trainer.abstract_state, cfg)
+  if state is None:
     state, start = trainer.init_state(), 0
-  else:
-    state = ckpt.restore(trainer.abstract_state, start)
-    if is_chief:
-      print(f'Resuming from the checkpoint at step {start} in {checkpoint.directory(workdir)}', flush=True)
+    if cfg.init_from:
+      state = warm_start(state, trainer, cfg.init_from)
+  elif is_chief:
+    print(f'Resuming from the checkpoint at step {start} in {ckpt.path}', flush=True)
   writer = metrics.Writer(workdir, trainer.total_steps, start, enabled=is_chief)
   eval_source = data.eval_source(cfg)
   knn = KnnEvaluator(cfg, objective, trainer.loader.source, eval_source, mesh) if eval_source else None
@@ -146,31 +216,45 @@ def train_and_evaluate(config, workdir):
     print(f'Training {cfg.objective} {cfg.model.variant} on {mesh.devices.size} device(s), mesh {dict(mesh.shape)}, '
           f'steps {start}->{trainer.total_steps}, batch {cfg.train.batch_size}', flush=True)
 
+  watch = preemption.PreemptionWatch(ckpt.manager)
   step, t0 = start, time.time()
-  for local_batch in trainer.loader.iterate(start, trainer.total_steps, cfg.data.prefetch):
-    state, step_metrics = trainer.train_step(state, sharding.global_batch(local_batch, mesh))
-    step += 1
-    if step % cfg.log.every_steps == 0 or step == trainer.total_steps:
-      values = jax.device_get(step_metrics)
-      writer.scalars(step, values)
-      rate = writer.progress(step, cfg.train.batch_size, {'loss': values['loss'], 'lr': values['lr']})
-      writer.scalars(step, {'perf/images_per_sec': rate})
-    if step % cfg.log.images_every_steps == 0 or step == trainer.total_steps:
-      shown = visualize(state['params'], preview, jax.random.key(step))
-      if shown is not None:
-        writer.images(step, 'reconstruction', metrics.image_grid(jax.device_get(shown), cfg.data.mean, cfg.data.std))
-    ckpt.save(step, state, cfg)
-    if knn and cfg.eval.knn_every_steps and step % cfg.eval.knn_every_steps == 0 and step != trainer.total_steps:
-      evaluate(step)
-
-  if ckpt.latest_step() != step:
-    ckpt.save(step, state, cfg, force=True)
-  ckpt.close()
+  try:
+    for local_batch in trainer.loader.iterate(start, trainer.total_steps, cfg.data.prefetch):
+      state, step_metrics = trainer.train_step(state, sharding.global_batch(local_batch, mesh))
+      step += 1
+      if step % cfg.log.every_steps == 0 or step == trainer.total_steps:
+        values = jax.device_get(step_metrics)
+        writer.scalars(step, values)
+        skipped = {'data/skipped': trainer.loader.skipped} if getattr(trainer.loader, 'skipped', 0) else {}
+        rate = writer.progress(step, cfg.train.batch_size, {'loss': values['loss'], 'lr': values['lr'], **skipped})
+        writer.scalars(step, {'perf/images_per_sec': rate, **skipped})  # data/skipped: undecodable images replaced
+      if step % cfg.log.images_every_steps == 0 or step == trainer.total_steps:
+        shown = visualize(state['params'], preview, jax.random.key(step))
+        if shown is not None:
+          writer.images(step, 'reconstruction', metrics.image_grid(jax.device_get(shown), cfg.data.mean, cfg.data.std))
+      preempted = watch.reached(step)
+      if preempted or ckpt.manager.should_save(step):
+        check_nonfinite(state, cfg.train)  # never checkpoint past a step that must stop the run
+        ckpt.save(step, state, cfg, force=preempted)
+      if preempted:
+        ckpt.close()
+        if is_chief:
+          print(f'Preempted (SIGTERM) at step {step}: checkpoint saved in {ckpt.path}; rerun the same command to '
+                'resume.', flush=True)
+        return state
+      if knn and cfg.eval.knn_every_steps and step % cfg.eval.knn_every_steps == 0 and step != trainer.total_steps:
+        evaluate(step)
+    skipped_steps = check_nonfinite(state, cfg.train)
+    if ckpt.latest_step() != step:
+      ckpt.save(step, state, cfg, force=True)
+  finally:
+    watch.close()
+    ckpt.close()  # waits for in-flight saves: what was saved is complete
   final = evaluate(step) if knn else None
   writer.close()
   if is_chief:
-    print(f'Done: {step - start} steps in {time.time() - t0:.0f}s; checkpoint at step {step} in '
-          f'{checkpoint.directory(workdir)}', flush=True)
+    print(f'Done: {step - start} steps in {time.time() - t0:.0f}s; checkpoint at step {step} in {ckpt.path}'
+          + (f'; {skipped_steps} non-finite step(s) skipped' if skipped_steps else ''), flush=True)
     baseline = [r['knn/top1'] for r in metrics.read_jsonl(workdir) if r['step'] == 0 and 'knn/top1' in r]
     if final is not None and baseline:
       print(f'kNN top-1 on {cfg.data.name}/{cfg.data.eval_split}: random init {baseline[0]:.4f} -> '

@@ -1,8 +1,10 @@
 """Registry of pretraining objectives; `config.objective` names one."""
+from mae_jax.objectives.gan_mae import GANMAE
 from mae_jax.objectives.mae import MAE
 
 OBJECTIVES = {
     'mae': MAE,
+    'gan_mae': GANMAE,
 }
 
 

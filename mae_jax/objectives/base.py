@@ -4,9 +4,24 @@ An objective owns its Flax modules and exposes pure functions of a params pytree
 these methods, so adding an objective never touches `train.py`.
 """
 import abc
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+
+class UpdatePhase(NamedTuple):
+  """One optimizer update of the train step: the gradient of `loss_fn` (same signature as
+  `Objective.loss_fn`) moves the leaves that phase `name` owns (see `Objective.update_phases`)."""
+  name: str
+  loss_fn: Callable
+
+
+class PhaseTrainable(dict):
+  """`trainable`'s answer for an objective with several update phases: {phase name: pytree of bools like
+  params}, the leaves each phase's optimizer updates. A leaf may belong to several phases (GAN-MAE's
+  shared encoder); a leaf in none is frozen. `optim.create` builds one optimizer (own moments, own
+  count) per entry."""
 
 
 class Objective(abc.ABC):
@@ -33,8 +48,27 @@ class Objective(abc.ABC):
     """
 
   def trainable(self, params):
-    """A pytree of bools like `params`: False leaves are frozen (teachers, tokenizers)."""
+    """A pytree of bools like `params`: False leaves are frozen (teachers, tokenizers).
+
+    An objective with several update phases returns a `PhaseTrainable` instead: one such pytree per phase.
+    """
     return jax.tree.map(lambda _: True, params)
+
+  def update_phases(self):
+    """The optimizer updates one train step makes, in order: a tuple of `UpdatePhase`.
+
+    Default: one phase, `loss_fn` over every trainable leaf, with one optimizer; `grad_accum_steps`
+    averages its gradients over micro-batches. That is the plain case and the loop's behaviour for it is
+    unchanged. An objective that needs separate players (GAN-MAE's generator then discriminator update)
+    returns several phases and a `PhaseTrainable` from `trainable` with one entry per phase name. The
+    step then runs, per phase in order: the gradients of its `loss_fn` at the params left by the previous
+    phases (averaged over micro-batches as well), then that phase's own optimizer update, which moves only
+    that phase's leaves. Every phase sees the same batch and example keys, so the same masks. Each phase
+    gets a dropout key folded with its index. The phases' metrics are merged, with a later phase winning a
+    name clash. 'loss' is the sum of the phases' losses, and 'loss/phase_<name>' and
+    'grad_norm/<name>' are added per phase. The loop never needs to know which objective it runs.
+    """
+    return (UpdatePhase('train', self.loss_fn),)
 
   def num_fixed_params(self):
     """Entries of the fixed sin-cos tables, which the reference counts as (frozen) parameters."""
