@@ -318,3 +318,18 @@ def test_short_tiny_training_run_has_finite_losses():
   assert {'loss/reconstruction', 'loss/adversarial', 'loss/discriminator', 'gan/adv_weight', 'gan/disc_acc_real',
           'gan/disc_acc_fake', 'gan/disc_balanced_acc'} <= set(values)
   assert isinstance(trainer.objective, GANMAE)
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_gan_mae_exports_with_its_discriminator_head_and_round_trips_bitwise(tmp_path, suffix):
+  pytest.importorskip('torch')
+  from mae_jax import export  # pylint: disable=g-import-not-at-top
+  config = load_config('gan_mae_tiny_cpu')
+  params = objectives.create(config).init(jax.random.key(0))
+  state_dict = export.export_state_dict(params, config, 'gan-mae')
+  assert tuple(state_dict['disc_head.weight'].shape) == (1, 64) and 'decoder_pred.weight' in state_dict
+  export.save(state_dict, tmp_path / f'gan{suffix}', 'gan-mae')
+  back = export.import_state_dict(export.load_state_dict(tmp_path / f'gan{suffix}'), config, 'gan-mae')
+  assert set(back) == {'encoder', 'decoder', 'disc_head'}
+  same = jax.tree.map(lambda a, b: np.asarray(a).tobytes() == np.asarray(b).tobytes(), back, params)
+  assert all(jax.tree.leaves(same))

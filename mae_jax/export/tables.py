@@ -63,6 +63,9 @@ FORMATS = {
     # timm `VisionTransformer(global_pool='avg', fc_norm=True)` (MAE fine-tuning's default): features =
     # fc_norm(mean(x[:, 1:])). Our final norm becomes fc_norm; MAE's fine-tuning re-initialises it anyway.
     'timm-vit-avg': _encoder('posemb', norm='fc_norm') + HEAD,
+    # GAN-MAE (no reference code exists): the MAE pretraining model plus the discriminator's per-patch head,
+    # named `disc_head` like our param (a torch.nn.Linear(D, 1)); the encoder is shared by both players.
+    'gan-mae': _encoder('sincos') + MAE_DECODER + _linear('disc_head', 'disc_head'),
 }
 
 
