@@ -106,6 +106,21 @@ def base_config():
   return c
 
 
+def tiny_cpu_config():
+  """The CPU demo's model and schedule, shared by the configs/*_tiny_cpu.py files: a 4-layer, 64-wide ViT
+  with 4x4 patches on the embedded 32x32 digits (64 patches, 16 visible), a 2-layer decoder, 20 epochs."""
+  c = base_config()
+  c.model.variant = 'nano/4'
+  c.model.decoder.update(width=64, depth=2, num_heads=4)
+  c.mae.norm_pix_loss = False  # pixel targets reconstruct visibly; the grid in TensorBoard shows digits
+  c.data.img_size = 32
+  c.data.crop_scale = (0.5, 1.0)  # digits are centred, tight scans: a 0.2 crop often cuts the digit away
+  c.train.update(batch_size=64, epochs=20, warmup_epochs=2, blr=1.5e-4 * 10)
+  c.checkpoint.every_steps = 100
+  c.log.update(every_steps=20, images_every_steps=200)
+  return c
+
+
 def _require(ok, message):
   if not ok:
     raise ConfigError(message)

@@ -211,9 +211,10 @@ def test_timm_head_and_resolution():
 
 
 # 2. HF transformers ViTMAEForPreTraining from the official layout.
+@pytest.mark.parametrize('norm_pix_loss', [True, False])
 @pytest.mark.parametrize('size', list(SIZES))
-def test_mae_official_matches_hf_vitmae(size):
-  config, objective, params = model_and_params(size)
+def test_mae_official_matches_hf_vitmae(size, norm_pix_loss):
+  config, objective, params = model_and_params(size, norm_pix_loss)
   model = hf_vitmae(config)
   sd = export.export_state_dict(params, config, 'mae-official')
   assert size != 'B/16' or len(sd) == 254  # the reference's mae_vit_base_patch16 state_dict
@@ -221,7 +222,7 @@ def test_mae_official_matches_hf_vitmae(size):
   images, noise = images_and_noise(config)
   loss, logits, mask = hf_outputs(model, images, noise)
   want_loss, want_logits, want_mask = jax_outputs(objective, params, images, noise)
-  print(f'HF ViTMAE {size}: loss {loss:.6f} |d| {abs(loss - want_loss):.2e}, logits max |d| '
+  print(f'HF ViTMAE {size} norm_pix_loss={norm_pix_loss}: loss {loss:.6f} |d| {abs(loss - want_loss):.2e}, logits max |d| '
         f'{max_err(logits, want_logits):.2e}')
   np.testing.assert_array_equal(mask, want_mask)
   assert abs(loss - want_loss) < 1e-5 and max_err(logits, want_logits) < 1e-4
