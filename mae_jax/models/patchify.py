@@ -37,3 +37,10 @@ def normalize_patches(patches, eps=1e-6):
   mean = patches.mean(axis=-1, keepdims=True)
   var = patches.var(axis=-1, keepdims=True, ddof=1)
   return (patches - mean) / jnp.sqrt(var + eps)
+
+
+def compose(target, pred, mask):
+  """Patches of `target` where mask == 0 (visible) and of `pred` where mask == 1 (removed): MAE's pasted-back
+  reconstruction, and GAN-MAE's corrupted image."""
+  keep = (1.0 - mask)[..., None]
+  return target * keep + pred * (1.0 - keep)

@@ -30,19 +30,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mae_jax.models.patchify import patchify, unpatchify
+from mae_jax.models.patchify import compose, patchify, unpatchify
 from mae_jax.models.vit import dense_init
 from mae_jax.objectives.base import PhaseTrainable, UpdatePhase
 from mae_jax.objectives.mae import MAE, reconstruction_loss
 
 ADAPTIVE_EPS = 1e-4  # VQGAN's (and MAE_GAN_PL's) epsilon of the adaptive weight
 sg = jax.lax.stop_gradient
-
-
-def compose(target, pred, mask):
-  """Patches of the corrupted image: `target` where mask == 0 (visible), `pred` where mask == 1."""
-  keep = (1.0 - mask)[..., None]
-  return target * keep + pred * (1.0 - keep)
 
 
 def discriminator_loss(logits, mask, reduction='mean'):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 
 from mae_jax.models import masking, vit
 from mae_jax.models.decoder import MAEDecoder
-from mae_jax.models.patchify import normalize_patches, patchify, unpatchify
+from mae_jax.models.patchify import compose, normalize_patches, patchify, unpatchify
 from mae_jax.objectives.base import Objective
 
 
@@ -76,7 +76,6 @@ class MAE(Objective):
       mean = target.mean(-1, keepdims=True)
       std = jnp.sqrt(target.var(-1, keepdims=True, ddof=1) + 1e-6)
       pred = pred * std + mean
-    keep = (1 - mask)[..., None]
     as_image = lambda p: unpatchify(p, self.patch_size, self.encoder.grid_size)
-    return {'original': images, 'masked': as_image(target * keep),
-            'reconstruction': as_image(target * keep + pred * (1 - keep))}
+    return {'original': images, 'masked': as_image(compose(target, jnp.zeros_like(pred), mask)),
+            'reconstruction': as_image(compose(target, pred, mask))}
