@@ -8,7 +8,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from mae_jax import checkpoint, data, metrics, objectives, optim, preemption, sharding

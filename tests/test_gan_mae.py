@@ -13,7 +13,7 @@ import pytest
 
 from mae_jax import config as config_lib
 from mae_jax import objectives, optim, sharding, train
-from mae_jax.models.patchify import patchify, unpatchify
+from mae_jax.models.patchify import patchify
 from mae_jax.objectives.base import PhaseTrainable
 from mae_jax.objectives.gan_mae import GANMAE, adversarial_loss
 

@@ -4,7 +4,6 @@ Cosine similarity between L2-normalised features; each of the k nearest training
 label with weight exp(similarity / temperature).
 """
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mae_jax import sharding
