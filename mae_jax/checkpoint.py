@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from mae_jax.config import ConfigError
+from mae_jax.models import vit
 
 # Config fields that decide the shapes of the state: a checkpoint is only resumed if they match.
 IDENTITY_FIELDS = ('objective', 'model.variant', 'model.mlp_ratio', 'model.decoder', 'data.img_size')
@@ -167,10 +168,25 @@ def load_params(workdir, step=None):
   return config, state['params']
 
 
+def _posemb_grids(source, target):
+  """(source grid, target grid, prefix tokens) when a learned position table of `source`'s shape fits
+  `target`'s after resampling (same width and prefix, square grids, another size), else None."""
+  if source.ndim != 3 or target.ndim != 3 or (source.shape[0], source.shape[2]) != (target.shape[0], target.shape[2]):
+    return None
+  (src_side, src_prefix), (dst_side, dst_prefix) = [
+      (math.isqrt(n), n - math.isqrt(n) ** 2) for n in (source.shape[1], target.shape[1])]
+  if src_prefix != dst_prefix or src_side == dst_side or min(src_side, dst_side) < 1:
+    return None
+  return src_side, dst_side, src_prefix
+
+
 def merge_matching(params, source, source_name):
-  """Takes every leaf of `source` whose path and shape match `params` (a warm start); reports the rest."""
+  """Takes every leaf of `source` whose path and shape match `params` (a warm start); reports the rest.
+
+  A learned position table ('.../pos_embed') of another square grid is resampled to the model's grid
+  (bicubic, as timm's loader and MAE's fine-tuning do)."""
   flat_source = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(source)[0]}
-  loaded, skipped = [], []
+  loaded, skipped, resampled = [], [], []
 
   def pick(path, leaf):
     key = jax.tree_util.keystr(path)
@@ -178,6 +194,12 @@ def merge_matching(params, source, source_name):
     if value is not None and tuple(value.shape) == tuple(leaf.shape):
       loaded.append(key)
       return np.asarray(value, leaf.dtype)
+    grids = getattr(path[-1], 'key', None) == 'pos_embed' and value is not None and _posemb_grids(value, leaf)
+    if grids:
+      src_side, dst_side, prefix = grids
+      loaded.append(key)
+      resampled.append(f'{key} {src_side}x{src_side} -> {dst_side}x{dst_side}')
+      return vit.resample_posemb(np.asarray(value, np.float32), dst_side, prefix).astype(leaf.dtype)
     skipped.append(key)
     return leaf
 
@@ -185,6 +207,7 @@ def merge_matching(params, source, source_name):
   if not loaded:
     raise ConfigError(f'config.init_from={source_name}: no parameter matches this model by name and shape')
   count = lambda keys: sum(math.prod(flat_source[k].shape) if k in flat_source else 0 for k in keys)
-  print(f'Warm start from {source_name}: loaded {len(loaded)} arrays ({count(loaded):,} values); '
+  print(f'Warm start from {source_name}: loaded {len(loaded)} arrays ({count(loaded):,} values)'
+        f'{"; resampled " + ", ".join(resampled) if resampled else ""}; '
         f'kept the initialisation of {len(skipped)}: {skipped[:8]}{" ..." if len(skipped) > 8 else ""}', flush=True)
   return merged

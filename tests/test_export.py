@@ -88,11 +88,10 @@ def max_err(a, b):
 def jax_features(objective, params, images, pool):
   """What timm computes: (forward_features, pooled). 'token': norm(x), norm(x)[:, 0]; 'avg': x before the
   final norm, and that norm (exported as fc_norm) applied to the mean of the patch tokens."""
-  enc = objective.encoder
-  (tokens, _, _), state = enc.apply({'params': params['encoder']}, images, capture_intermediates=True)
+  out = objective.encoder.apply({'params': params['encoder']}, images)
   if pool == 'token':
-    return tokens, tokens[:, 0]
-  last = state['intermediates'][f'blocks_{enc.depth - 1}']['__call__'][0]
+    return out['tokens'], out['tokens'][:, 0]
+  last = out['pre_norm']
   return last, nn.LayerNorm(epsilon=1e-6).apply({'params': params['encoder']['norm']}, last[:, 1:].mean(1))
 
 

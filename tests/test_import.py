@@ -113,7 +113,7 @@ def test_import_encoder_only_release_layout(tmp_path):
   images, _ = images_and_noise(config)
   with torch.no_grad():
     want = model.forward_features(nchw(images))
-  err = max_err(objective.encoder.apply({'params': params['encoder']}, images)[0], want)
+  err = max_err(objective.encoder.apply({'params': params['encoder']}, images)['tokens'], want)
   print(f'encoder-only release: max |d| {err:.2e}')
   assert err < 1e-4
 

@@ -14,7 +14,7 @@ import flax
 import numpy as np
 
 from mae_jax.export import tables
-from mae_jax.models.vit import posemb_sincos_2d
+from mae_jax.models.vit import posemb_sincos_2d, resample_posemb
 
 SINCOS_ATOL = 1e-5  # float32 sin/cos from numpy or torch agree far better than this
 
@@ -66,16 +66,6 @@ def _grid(table):
   return (side, side)
 
 
-def resize_bicubic(table, grid):
-  """Resizes the patch part of a (1, 1 + h*w, D) table, keeping the cls row: the reference's
-  `interpolate_pos_embed` (torch bicubic, align_corners=False)."""
-  import torch  # pylint: disable=g-import-not-at-top
-  d, (h, w) = table.shape[-1], _grid(table)
-  patches = torch.from_numpy(np.ascontiguousarray(table[:, 1:])).reshape(1, h, w, d).permute(0, 3, 1, 2)
-  patches = torch.nn.functional.interpolate(patches, size=tuple(grid), mode='bicubic', align_corners=False)
-  return np.concatenate([table[:, :1], patches.permute(0, 2, 3, 1).reshape(1, -1, d).numpy()], axis=1)
-
-
 def to_torch(params, fmt, fixed, grid=None):
   """params pytree -> {torch key: np.ndarray}, in the table's order.
 
@@ -103,7 +93,7 @@ def to_torch(params, fmt, fixed, grid=None):
       continue
     table = fixed[jax]
     if grid is not None and tuple(grid) != _grid(table):
-      table = (posemb_sincos_2d(table.shape[-1], grid)[None] if kind == 'sincos' else resize_bicubic(table, grid))
+      table = (posemb_sincos_2d(table.shape[-1], grid)[None] if kind == 'sincos' else resample_posemb(table, grid))
     out.append(((rule.group, -1, n), key, np.asarray(table, np.float32)))
   if problems:
     _fail(f'cannot export to {fmt!r}:', problems)

@@ -1,10 +1,20 @@
-"""Per-sample random masking by argsort of uniform noise (MAE's `random_masking`).
+"""Per-sample random masking by argsort of uniform noise (MAE's `random_masking`, MAGE's variable ratio).
 
-The noise is an argument so tests (and the PyTorch parity check) can fix the mask; in training it is
-drawn inside the jitted step from a key folded with the step number.
+Masks are computed from the noise alone; the ViT takes the kept indices (`ids_keep`) and the decoder the
+inverse permutation (`ids_restore`), so selecting tokens stays outside the block stack. The noise is an
+argument so tests (and the PyTorch parity check) can fix the mask; in training it is drawn inside the
+jitted step from a key folded with the step number.
 """
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+
+
+class Masking(NamedTuple):
+  ids_keep: jax.Array  # (N, num_keep) int: the kept tokens, in shuffled (ascending noise) order
+  mask: jax.Array  # (N, L) float: 1 where a token was removed, in the original order
+  ids_restore: jax.Array  # (N, L) int: undoes the shuffle (`unshuffle`)
 
 
 def num_kept(num_patches, mask_ratio):
@@ -12,29 +22,28 @@ def num_kept(num_patches, mask_ratio):
   return int(num_patches * (1 - mask_ratio))
 
 
-def random_masking(tokens, noise, mask_ratio):
-  """Keeps the `num_kept` tokens with the smallest noise, per sample.
+def gather(tokens, ids):
+  """tokens (N, L, ...) at per-sample indices ids (N, K) -> (N, K, ...)."""
+  return jnp.take_along_axis(tokens, ids.reshape(ids.shape + (1,) * (tokens.ndim - 2)), axis=1)
 
-  Args:
-    tokens: (N, L, D).
-    noise: (N, L) floats; ascending order decides which tokens are kept.
-    mask_ratio: fraction of tokens removed.
 
-  Returns:
-    kept: (N, len_keep, D) tokens in shuffled order.
-    mask: (N, L) with 1 where a token was removed, in the original order.
-    ids_restore: (N, L) indices that undo the shuffle.
-  """
-  n, length, _ = tokens.shape
-  len_keep = num_kept(length, mask_ratio)
+def random_masking(noise, num_keep):
+  """Keeps the `num_keep` (a Python int) tokens of smallest noise per sample; noise (N, L) floats."""
   ids_shuffle = jnp.argsort(noise, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
-  ids_keep = ids_shuffle[:, :len_keep]
-  kept = jnp.take_along_axis(tokens, ids_keep[..., None], axis=1)
-  mask = jnp.concatenate(
-      [jnp.zeros((n, len_keep), tokens.dtype), jnp.ones((n, length - len_keep), tokens.dtype)], axis=1)
-  mask = jnp.take_along_axis(mask, ids_restore, axis=1)
-  return kept, mask, ids_restore
+  # ids_restore is each token's rank in the shuffle: the first num_keep ranks are kept.
+  mask = (ids_restore >= num_keep).astype(jnp.float32)
+  return Masking(ids_shuffle[:, :num_keep], mask, ids_restore)
+
+
+def dynamic_mask(noise, num_masked):
+  """(N, L) float mask, 1 at the `num_masked` tokens of smallest noise per sample.
+
+  `num_masked` may be a traced int scalar (MAGE draws one mask ratio per batch), so one compiled step
+  serves every ratio; shapes do not depend on it, unlike `random_masking`'s.
+  """
+  ranks = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+  return (ranks < num_masked).astype(jnp.float32)
 
 
 def unshuffle(kept, mask_token, ids_restore):
@@ -42,7 +51,7 @@ def unshuffle(kept, mask_token, ids_restore):
   n, length = ids_restore.shape
   fill = jnp.broadcast_to(mask_token.astype(kept.dtype), (n, length - kept.shape[1], kept.shape[-1]))
   full = jnp.concatenate([kept, fill], axis=1)
-  return jnp.take_along_axis(full, ids_restore[..., None], axis=1)
+  return gather(full, ids_restore)
 
 
 def example_noise(example_keys, num_patches):

@@ -5,6 +5,7 @@ Submodule names mirror the PyTorch layout of facebookresearch/mae and timm (`pat
 transposes. Numerics follow the reference: fused qkv with bias, exact (erf) GELU, LayerNorm eps 1e-6,
 pre-norm blocks, attention logits and softmax in fp32 whatever the compute dtype.
 """
+import math
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -46,6 +47,11 @@ patch_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', 
 token_init = nn.initializers.normal(stddev=0.02)
 
 
+def timm_trunc_normal(std):
+  """timm's `trunc_normal_(std=std)`: its bounds are absolute (+-2), so for a small std it is a plain normal."""
+  return nn.initializers.truncated_normal(stddev=std, lower=-2.0 / std, upper=2.0 / std)
+
+
 def parse_variant(variant):
   """'B/16' -> dict(width=768, depth=12, num_heads=12, patch_size=16)."""
   name, _, patch = variant.partition('/')
@@ -76,6 +82,38 @@ def posemb_sincos_2d(dim, grid_size, cls_token=True):
   if cls_token:
     table = np.concatenate([np.zeros((1, dim)), table], axis=0)
   return table.astype(np.float32)
+
+
+def _cubic_weights(in_size, out_size, a=-0.75):
+  """(out, in) matrix of PyTorch's bicubic resampling along one axis (align_corners=False, no antialias):
+  source x = (dst + 0.5) * in / out - 0.5, Keys' kernel with PyTorch's A = -0.75, taps clamped at the borders."""
+  src = (np.arange(out_size, dtype=np.float64) + 0.5) * (in_size / out_size) - 0.5
+  left = np.floor(src)
+  t = src - left
+  near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # |x| <= 1
+  far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # 1 < |x| < 2
+  weights = np.zeros((out_size, in_size))
+  for offset, w in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
+    np.add.at(weights, (np.arange(out_size), np.clip(left + offset, 0, in_size - 1).astype(int)), w)
+  return weights
+
+
+def resample_posemb(table, new_grid, num_prefix_tokens=1):
+  """Resizes a learned position table (..., prefix + h*h, D) of a square grid to `new_grid` ((h, w) or an
+  int), keeping the prefix (cls) rows: timm's `resample_abs_pos_embed` (torch bicubic, align_corners=False,
+  no antialias), in numpy. jax.image.resize's cubic kernel (A = -0.5) would give other values."""
+  table = np.asarray(table)
+  new_h, new_w = (new_grid, new_grid) if np.ndim(new_grid) == 0 else tuple(new_grid)
+  prefix, patches = table[..., :num_prefix_tokens, :], table[..., num_prefix_tokens:, :]
+  side = math.isqrt(patches.shape[-2])
+  if side * side != patches.shape[-2]:
+    raise ValueError(f'position table {table.shape} with {num_prefix_tokens} prefix tokens is not of a square grid')
+  if (new_h, new_w) == (side, side):
+    return table
+  grid = patches.reshape(patches.shape[:-2] + (side, side, patches.shape[-1])).astype(np.float64)
+  grid = np.einsum('oh,...hwd,pw->...opd', _cubic_weights(side, new_h), grid, _cubic_weights(side, new_w))
+  patches = grid.reshape(grid.shape[:-3] + (new_h * new_w, grid.shape[-1])).astype(table.dtype)
+  return np.concatenate([prefix, patches], axis=-2)
 
 
 def torch_default_bias_init(fan_in):
@@ -174,11 +212,13 @@ def make_blocks(depth, num_heads, mlp_ratio, drop_path_rate, dropout, dtype, rem
   return [block(num_heads, mlp_ratio, float(rate), dropout, dtype) for rate in rates]
 
 
-class ViTEncoder(nn.Module):
-  """ViT encoder with a cls token and fixed sin-cos position embeddings.
+class ViT(nn.Module):
+  """The one configurable ViT: every objective's encoder, the fine-tuned classifier and the discriminator.
 
-  Called with `noise`, it keeps only the visible patches (MAE's encoder); without, it encodes every
-  patch (features, fine-tuning, GAN-MAE's discriminator).
+  Options in the manner of big_vision's `vit.py`: the stem (pixel patches or token ids), the position
+  table (fixed sin-cos or learned), an optional cls token, the pooling and a classifier head. The defaults
+  are MAE's encoder, whose param paths and initial values the checkpoints depend on. `ids_keep` selects
+  the visible tokens (MAE's encoder); without it every token is encoded.
   """
   img_size: int = 224
   patch_size: int = 16
@@ -189,7 +229,14 @@ class ViTEncoder(nn.Module):
   drop_path_rate: float = 0.0
   dropout: float = 0.0
   dtype: Any = jnp.float32
-  remat: bool = False
+  remat: Any = False
+  stem: str = 'patch'  # 'patch': NHWC pixels; 'tokens': int ids (N, grid^2), e.g. MAGE's VQGAN codes
+  vocab_size: int = 0
+  posemb: str = 'sincos'  # 'sincos': fixed, not a param; 'learned': param `pos_embed`
+  cls_token: bool = True
+  pool: str = 'none'  # 'cls': token 0 after `norm`; 'gap': `fc_norm` of the mean patch token, no `norm`
+  num_classes: int = 0
+  head_init_std: float = 2e-5
 
   @property
   def grid_size(self):
@@ -199,34 +246,87 @@ class ViTEncoder(nn.Module):
   def num_patches(self):
     return self.grid_size[0] * self.grid_size[1]
 
-  def setup(self):
+  @property
+  def num_prefix_tokens(self):
+    return int(self.cls_token)
+
+  def _check_options(self):
+    problems = []
     if self.img_size % self.patch_size:
-      raise ValueError(f'img_size {self.img_size} is not divisible by patch_size {self.patch_size}')
-    self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
-    self.cls_token = self.param('cls_token', token_init, (1, 1, self.width))
-    self.pos_embed = jnp.asarray(posemb_sincos_2d(self.width, self.grid_size))  # fixed, not trained
+      problems.append(f'img_size {self.img_size} is not divisible by patch_size {self.patch_size}')
+    if self.stem not in ('patch', 'tokens') or (self.stem == 'tokens' and self.vocab_size < 1):
+      problems.append(f"stem {self.stem!r} (vocab_size {self.vocab_size}): expected 'patch' or 'tokens' with a vocab")
+    if self.posemb not in ('sincos', 'learned'):
+      problems.append(f"posemb {self.posemb!r}: expected 'sincos' or 'learned'")
+    if self.pool not in ('none', 'cls', 'gap') or (self.pool == 'cls' and not self.cls_token):
+      problems.append(f"pool {self.pool!r}: expected 'none', 'gap' or 'cls' (which needs the cls token)")
+    if self.num_classes and self.pool == 'none':
+      problems.append(f'a head of {self.num_classes} classes needs pooled features: set pool')
+    if problems:
+      raise ValueError('ViT: ' + '; '.join(problems))
+
+  def setup(self):
+    self._check_options()
+    if self.stem == 'patch':
+      self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
+    else:
+      self.token_embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, embedding_init=token_init)
+    # Created first among the top-level params: the rng each one draws depends on the order.
+    self.cls = self.param('cls_token', token_init, (1, 1, self.width)) if self.cls_token else None
+    num_tokens = self.num_prefix_tokens + self.num_patches
+    if self.posemb == 'learned':
+      self.pos_embed = self.param('pos_embed', timm_trunc_normal(0.02), (1, num_tokens, self.width))
+    else:
+      self.pos_embed = jnp.asarray(posemb_sincos_2d(self.width, self.grid_size, self.cls_token))[None]
     self.blocks = make_blocks(self.depth, self.num_heads, self.mlp_ratio, self.drop_path_rate, self.dropout,
                               self.dtype, self.remat)
-    self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    if self.pool == 'gap':
+      self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    else:
+      self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    if self.num_classes:
+      self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=timm_trunc_normal(self.head_init_std),
+                           bias_init=nn.initializers.zeros)
 
-  def __call__(self, images, noise: Optional[jax.Array] = None, mask_ratio: float = 0.0, train: bool = False):
-    """images (N, H, W, C) -> (tokens (N, 1 + kept, D) after the final norm, mask, ids_restore).
+  def __call__(self, inputs, ids_keep: Optional[jax.Array] = None, train: bool = False):
+    """inputs: images (N, H, W, C) or token ids (N, L); ids_keep: optional (N, K) patch indices to keep.
 
-    mask and ids_restore are None when no noise is given (every patch is encoded).
+    Returns a dict (jit drops what the caller does not use):
+      embedded: (N, L, D) stem + position, every patch, before the selection.
+      blocks: each block's output tokens, (N, prefix + K, D).
+      pre_norm: the last block's output.
+      tokens: `norm(pre_norm)`; absent with pool='gap'.
+      pooled: (N, D) with a pool.
+      logits: (N, num_classes) in fp32 with a head.
     """
-    x = self.patch_embed(images) + self.pos_embed[None, 1:].astype(self.dtype)
-    mask = ids_restore = None
-    if noise is not None:
-      x, mask, ids_restore = masking.random_masking(x, noise, mask_ratio)
-    cls = jnp.broadcast_to(self.cls_token + self.pos_embed[None, :1], (x.shape[0], 1, self.width))
-    x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
+    prefix = self.num_prefix_tokens
+    stem = self.patch_embed if self.stem == 'patch' else self.token_embed
+    x = stem(inputs) + self.pos_embed[:, prefix:].astype(self.dtype)
+    out = {'embedded': x}
+    if ids_keep is not None:
+      x = masking.gather(x, ids_keep)
+    if self.cls_token:
+      cls = jnp.broadcast_to(self.cls + self.pos_embed[:, :1], (x.shape[0], 1, self.width))
+      x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
+    blocks = []
     for block in self.blocks:
       x = block(x, train)
-    return self.norm(x), mask, ids_restore
+      blocks.append(x)
+    out.update(blocks=tuple(blocks), pre_norm=x)
+    if self.pool == 'gap':
+      out['pooled'] = self.fc_norm(x[:, prefix:].mean(axis=1))
+    else:
+      out['tokens'] = self.norm(x)
+      if self.pool == 'cls':
+        out['pooled'] = out['tokens'][:, 0]
+    if self.num_classes:
+      out['logits'] = self.head(out['pooled']).astype(jnp.float32)
+    return out
 
 
-def encoder_from_config(model_config, img_size):
-  """Builds the shared encoder from `config.model` (variant, drop path, dtype, remat)."""
-  return ViTEncoder(img_size=img_size, **parse_variant(model_config.variant), mlp_ratio=model_config.mlp_ratio,
-                    drop_path_rate=model_config.drop_path_rate, dropout=model_config.dropout,
-                    dtype=jnp.dtype(model_config.dtype), remat=remat_option(model_config))
+def encoder_from_config(model_config, img_size, **overrides):
+  """Builds a ViT from `config.model` (variant, mlp ratio, drop path, dropout, dtype, remat); `overrides`
+  set the other options (posemb='learned', pool='gap', num_classes=1000, ...)."""
+  return ViT(img_size=img_size, **parse_variant(model_config.variant), mlp_ratio=model_config.mlp_ratio,
+             drop_path_rate=model_config.drop_path_rate, dropout=model_config.dropout,
+             dtype=jnp.dtype(model_config.dtype), remat=remat_option(model_config), **overrides)
