@@ -192,7 +192,7 @@ def test_alternating_declares_two_phases_whose_optimizers_move_only_their_groups
             for phase, masks in owned.items()}
   assert groups == {'generator': {'encoder', 'decoder'}, 'discriminator': {'encoder', 'disc_head'}}
 
-  tx = optim.create(tiny_config().train, constant_schedule, owned)
+  tx = optim.create(tiny_config(), constant_schedule, owned)
   state = tx.init(params)
   ones = jax.tree.map(jnp.ones_like, params)
   update = jax.jit(tx.update, static_argnames='phase')
@@ -254,7 +254,7 @@ def test_alternating_step_is_a_generator_update_then_a_discriminator_update():
 @pytest.mark.parametrize('update_scheme', ['alternating', 'joint'])
 def test_grad_accumulation_gives_the_same_step_with_phases(update_scheme):
   objective, params, batch = setup(update_scheme=update_scheme, adv_weight_mode='constant')
-  tx = optim.create(tiny_config().train, constant_schedule, objective.trainable(params))
+  tx = optim.create(tiny_config(), constant_schedule, objective.trainable(params))
   state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': tx.init(params),
            'rng': jax.random.key_data(jax.random.key(7))}
   out = {}
@@ -273,7 +273,7 @@ def test_single_phase_objectives_keep_one_optimizer():
     assert [p.name for p in obj.update_phases()] == ['train']
     trainable = obj.trainable(params)
     assert not isinstance(trainable, PhaseTrainable)
-    state = optim.create(tiny_config().train, constant_schedule, trainable).init(params)
+    state = optim.create(tiny_config(), constant_schedule, trainable).init(params)
     assert set(state.inner_states) == {'train', 'frozen'}  # optax.multi_transform, as before the seam
 
 

@@ -72,8 +72,9 @@ def test_grad_clip_scales_the_global_norm_before_adamw():
   trainable = {'w': True, 'b': True}
 
   def updates(clip, gradients):
-    train_config = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=clip))
-    tx = optim.create(train_config, lambda step: 1e-3, trainable)
+    config = ml_collections.ConfigDict(dict(train=dict(b1=0.9, b2=0.95, weight_decay=0.0, grad_clip=clip),
+                                            optim=optim.default_config()))
+    tx = optim.create(config, lambda step: 1e-3, trainable)
     state, out = tx.init(params), []
     for g in gradients:
       u, state = tx.update(g, state, params)
@@ -95,9 +96,8 @@ def test_grad_clip_scales_the_global_norm_before_adamw():
 def test_grad_clip_off_keeps_the_optimizer_state_layout():
   """Checkpoints of runs without clipping stay restorable: grad_clip=0 adds no optimizer state."""
   params = {'w': np.ones((2, 2), np.float32)}
-  make = lambda clip: optim.create(ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, weight_decay=0.05,
-                                                                   grad_clip=clip)),
-                                   lambda step: 1e-3, {'w': True}).init(params)
-  base = optim.create(ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, weight_decay=0.05)), lambda step: 1e-3,
-                      {'w': True}).init(params)
+  config = lambda **train: ml_collections.ConfigDict(dict(train=dict(b1=0.9, b2=0.95, weight_decay=0.05, **train),
+                                                          optim=optim.default_config()))
+  make = lambda clip: optim.create(config(grad_clip=clip), lambda step: 1e-3, {'w': True}).init(params)
+  base = optim.create(config(), lambda step: 1e-3, {'w': True}).init(params)
   assert jax.tree.structure(make(0.0)) == jax.tree.structure(base)

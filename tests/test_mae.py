@@ -100,12 +100,12 @@ def test_learning_rate_follows_the_reference_schedule():
 
 
 def test_weight_decay_skips_1d_params_but_not_tokens():
-  objective = objectives.create(load_config('mae_tiny_cpu'))
-  mask = optim.decay_mask(jax.eval_shape(objective.init, jax.random.key(0)))
-  assert mask['encoder']['cls_token'] and mask['decoder']['mask_token']  # 3-D: decayed, as in the reference
-  assert mask['encoder']['blocks_0']['attn']['qkv']['kernel']
-  assert not mask['encoder']['blocks_0']['attn']['qkv']['bias']
-  assert not mask['encoder']['norm']['scale']
+  config = load_config('mae_tiny_cpu')
+  _, wd = optim.param_multipliers(config, jax.eval_shape(objectives.create(config).init, jax.random.key(0)))
+  assert wd['encoder']['cls_token'] == wd['decoder']['mask_token'] == 1  # 3-D: decayed, as in the reference
+  assert wd['encoder']['blocks_0']['attn']['qkv']['kernel'] == 1
+  assert wd['encoder']['blocks_0']['attn']['qkv']['bias'] == 0
+  assert wd['encoder']['norm']['scale'] == 0
 
 
 @pytest.mark.parametrize('field,value,message', [
