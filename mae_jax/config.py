@@ -18,7 +18,9 @@ class ConfigError(ValueError):
 
 
 def base_config():
+  from mae_jax import objectives, optim, tasks  # late: they import this module
   c = ml_collections.ConfigDict()
+  c.task = 'pretrain'      # what the one loop runs (mae_jax/tasks.py): pretrain
   c.objective = 'mae'
   c.seed = 0
 
@@ -33,18 +35,9 @@ def base_config():
       decoder=dict(width=512, depth=8, num_heads=16),
   ))
 
-  c.mae = ml_collections.ConfigDict(dict(mask_ratio=0.75, norm_pix_loss=True))
-
-  # GAN-MAE (objective='gan_mae'; also reads config.mae). docs/gan_mae.md gives the reason for each default.
-  c.gan_mae = ml_collections.ConfigDict(dict(
-      update_scheme='alternating',  # alternating: a generator update, then a discriminator one | joint: one update
-      adv_weight_mode='adaptive',  # adaptive: VQGAN's ||grad rec|| / (||grad adv|| + 1e-4) at decoder_pred | constant
-      adv_weight=0.1,              # the constant weight, or the factor on the adaptive one
-      adv_weight_max=1e4,          # clamp of the adaptive ratio (VQGAN's)
-      disc_weight=1.0,             # weight of the discriminator's replaced-patch loss
-      disc_loss='mean',            # mean: BCE over all patches | balanced: mean of the real and the fake patches' BCE
-      adv_through_disc_encoder=False,  # True: the adversarial term also moves the encoder in its discriminator role
-  ))
+  # Each objective's own section (config.mae, config.gan_mae, ...), defined and validated next to it.
+  for name, section in objectives.config_sections().items():
+    c[name] = section
 
   c.data = ml_collections.ConfigDict(dict(
       source='embedded',       # embedded | tfds | folder
@@ -82,6 +75,9 @@ def base_config():
       grad_clip=0.0,           # clip the global gradient norm to this value; 0 = off (MAE's recipe has none)
   ))
 
+  # Optimizer and parameter groups (regex rules over parameter paths): mae_jax/optim.py.
+  c.optim = optim.default_config()
+
   # Device mesh: -1 fills the remaining devices. Arrays of at least fsdp_min_size_mb are sharded over 'fsdp'.
   # dcn_<axis>: how many slices (TPU multi-slice) or processes (GPU nodes) that axis spans; it divides <axis>.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size_mb=4.0, dcn_data=1, dcn_fsdp=1))
@@ -97,6 +93,7 @@ def base_config():
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
+      evaluators=('knn',),     # which of the task's evaluators run (on data.eval_split; '' there disables all)
       knn_every_steps=0,       # 0: only before training and at the end
       knn_k=20,
       knn_temperature=0.07,
@@ -121,69 +118,61 @@ def tiny_cpu_config():
   return c
 
 
-def _require(ok, message):
+def require(ok, message):
+  """Raises ConfigError(message) unless `ok`: the one way every validation check reports."""
   if not ok:
     raise ConfigError(message)
 
 
 def validate(config):
   """Checks every value that would otherwise fail late or silently; raises ConfigError."""
-  from mae_jax import objectives  # late: objectives import models, which import this module's users
-  _require(config.objective in objectives.OBJECTIVES,
-           f'config.objective={config.objective!r} is not one of {sorted(objectives.OBJECTIVES)}')
+  from mae_jax import objectives, optim, tasks  # late: they import this module
+  require(config.task in tasks.TASKS, f'config.task={config.task!r} is not one of {sorted(tasks.TASKS)}')
+  require(config.objective in objectives.OBJECTIVES,
+          f'config.objective={config.objective!r} is not one of {sorted(objectives.OBJECTIVES)}')
   try:
     patch = vit.parse_variant(config.model.variant)['patch_size']
   except ValueError as e:
     raise ConfigError(f'config.model.variant: {e}') from None
-  _require(config.data.img_size > 0 and config.data.img_size % patch == 0,
-           f'config.data.img_size={config.data.img_size} must be a positive multiple of the patch size {patch}')
-  _require(config.model.dtype in DTYPES, f'config.model.dtype={config.model.dtype!r} is not one of {DTYPES}')
-  _require(0.0 <= config.model.drop_path_rate < 1.0, 'config.model.drop_path_rate must be in [0, 1)')
-  _require(0.0 < config.mae.mask_ratio < 1.0, f'config.mae.mask_ratio={config.mae.mask_ratio} must be in (0, 1)')
-  g = config.gan_mae
-  _require(g.update_scheme in ('alternating', 'joint'),
-           f"config.gan_mae.update_scheme={g.update_scheme!r} is not 'alternating' or 'joint'")
-  _require(g.adv_weight_mode in ('adaptive', 'constant'),
-           f"config.gan_mae.adv_weight_mode={g.adv_weight_mode!r} is not 'adaptive' or 'constant'")
-  _require(g.disc_loss in ('mean', 'balanced'), f"config.gan_mae.disc_loss={g.disc_loss!r} is not 'mean' or 'balanced'")
-  _require(g.adv_weight >= 0 and g.adv_weight_max > 0 and g.disc_weight > 0,
-           'config.gan_mae: adv_weight >= 0, adv_weight_max > 0, disc_weight > 0')
-  _require(not (config.objective == 'gan_mae' and config.mae.norm_pix_loss),
-           'config.mae.norm_pix_loss=True does not work with GAN-MAE: the discriminator sees generated patches next '
-           'to real ones, so predictions must be in the input pixel space; set --config.mae.norm_pix_loss=False '
-           '(docs/gan_mae.md)')
-  _require(config.data.source in DATA_SOURCES,
-           f'config.data.source={config.data.source!r} is not one of {DATA_SOURCES}')
+  require(config.data.img_size > 0 and config.data.img_size % patch == 0,
+          f'config.data.img_size={config.data.img_size} must be a positive multiple of the patch size {patch}')
+  require(config.model.dtype in DTYPES, f'config.model.dtype={config.model.dtype!r} is not one of {DTYPES}')
+  require(0.0 <= config.model.drop_path_rate < 1.0, 'config.model.drop_path_rate must be in [0, 1)')
+  require(config.data.source in DATA_SOURCES,
+          f'config.data.source={config.data.source!r} is not one of {DATA_SOURCES}')
   lo, hi = config.data.crop_scale
-  _require(0.0 < lo <= hi <= 1.0, f'config.data.crop_scale={tuple(config.data.crop_scale)} must satisfy 0 < lo <= hi <= 1')
-  _require(len(config.data.mean) == 3 and len(config.data.std) == 3 and min(config.data.std) > 0,
-           'config.data.mean and config.data.std need three values, std > 0')
-  _require(config.data.interpolation in ('bicubic', 'bilinear'),
-           f"config.data.interpolation={config.data.interpolation!r} is not 'bicubic' or 'bilinear'")
+  require(0.0 < lo <= hi <= 1.0, f'config.data.crop_scale={tuple(config.data.crop_scale)} must satisfy 0 < lo <= hi <= 1')
+  require(len(config.data.mean) == 3 and len(config.data.std) == 3 and min(config.data.std) > 0,
+          'config.data.mean and config.data.std need three values, std > 0')
+  require(config.data.interpolation in ('bicubic', 'bilinear'),
+          f"config.data.interpolation={config.data.interpolation!r} is not 'bicubic' or 'bilinear'")
   lo, hi = config.data.crop_ratio
-  _require(0.0 < lo <= hi, f'config.data.crop_ratio={tuple(config.data.crop_ratio)} must satisfy 0 < lo <= hi')
-  _require(config.data.num_workers >= 0 and config.data.prefetch >= 0 and config.data.max_pixels > 0,
-           'config.data: num_workers >= 0 (0 = auto), prefetch >= 0, max_pixels > 0')
-  _require(bool(config.data.name), 'config.data.name is empty: name the embedded dataset, TFDS dataset or image folder')
+  require(0.0 < lo <= hi, f'config.data.crop_ratio={tuple(config.data.crop_ratio)} must satisfy 0 < lo <= hi')
+  require(config.data.num_workers >= 0 and config.data.prefetch >= 0 and config.data.max_pixels > 0,
+          'config.data: num_workers >= 0 (0 = auto), prefetch >= 0, max_pixels > 0')
+  require(bool(config.data.name), 'config.data.name is empty: name the embedded dataset, TFDS dataset or image folder')
   t = config.train
-  _require(t.batch_size > 0, f'config.train.batch_size={t.batch_size} must be positive')
-  _require(t.grad_accum_steps >= 1, f'config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
-  _require(t.num_steps > 0 or t.epochs > 0, 'set config.train.epochs > 0 or config.train.num_steps > 0')
-  _require(0 <= t.warmup_epochs and (t.num_steps > 0 or t.warmup_epochs < t.epochs),
-           f'config.train.warmup_epochs={t.warmup_epochs} must be in [0, epochs={t.epochs})')
-  _require(t.blr > 0 and t.min_lr >= 0 and t.weight_decay >= 0, 'config.train: blr > 0, min_lr >= 0, weight_decay >= 0')
-  _require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'config.train.b1 and b2 must be in [0, 1)')
+  require(t.batch_size > 0, f'config.train.batch_size={t.batch_size} must be positive')
+  require(t.grad_accum_steps >= 1, f'config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
+  require(t.num_steps > 0 or t.epochs > 0, 'set config.train.epochs > 0 or config.train.num_steps > 0')
+  require(0 <= t.warmup_epochs and (t.num_steps > 0 or t.warmup_epochs < t.epochs),
+          f'config.train.warmup_epochs={t.warmup_epochs} must be in [0, epochs={t.epochs})')
+  require(t.blr > 0 and t.min_lr >= 0 and t.weight_decay >= 0, 'config.train: blr > 0, min_lr >= 0, weight_decay >= 0')
+  require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'config.train.b1 and b2 must be in [0, 1)')
   for axis in ('data', 'fsdp'):
     size = config.mesh[axis]
-    _require(size == -1 or size >= 1, f'config.mesh.{axis}={size} must be -1 (fill) or >= 1')
-    _require(config.mesh[f'dcn_{axis}'] >= 1, f'config.mesh.dcn_{axis} must be >= 1')
-  _require(t.grad_clip >= 0, f'config.train.grad_clip={t.grad_clip} must be >= 0 (0 = off)')
-  _require(config.model.remat_policy in vit.REMAT_POLICIES,
-           f'config.model.remat_policy={config.model.remat_policy!r} is not one of {sorted(vit.REMAT_POLICIES)}')
-  _require(config.checkpoint.every_steps > 0 and config.checkpoint.keep > 0,
-           'config.checkpoint.every_steps and config.checkpoint.keep must be positive')
-  _require(config.checkpoint.keep_every_steps >= 0, 'config.checkpoint.keep_every_steps must be >= 0')
-  _require(t.on_nonfinite in ('stop', 'skip'), f"config.train.on_nonfinite={t.on_nonfinite!r} is not 'stop' or 'skip'")
-  _require(t.max_consecutive_nonfinite >= 1, 'config.train.max_consecutive_nonfinite must be >= 1')
-  _require(config.log.every_steps > 0, 'config.log.every_steps must be positive')
-  _require(config.eval.knn_k > 0, 'config.eval.knn_k must be positive')
+    require(size == -1 or size >= 1, f'config.mesh.{axis}={size} must be -1 (fill) or >= 1')
+    require(config.mesh[f'dcn_{axis}'] >= 1, f'config.mesh.dcn_{axis} must be >= 1')
+  require(t.grad_clip >= 0, f'config.train.grad_clip={t.grad_clip} must be >= 0 (0 = off)')
+  require(config.model.remat_policy in vit.REMAT_POLICIES,
+          f'config.model.remat_policy={config.model.remat_policy!r} is not one of {sorted(vit.REMAT_POLICIES)}')
+  require(config.checkpoint.every_steps > 0 and config.checkpoint.keep > 0,
+          'config.checkpoint.every_steps and config.checkpoint.keep must be positive')
+  require(config.checkpoint.keep_every_steps >= 0, 'config.checkpoint.keep_every_steps must be >= 0')
+  require(t.on_nonfinite in ('stop', 'skip'), f"config.train.on_nonfinite={t.on_nonfinite!r} is not 'stop' or 'skip'")
+  require(t.max_consecutive_nonfinite >= 1, 'config.train.max_consecutive_nonfinite must be >= 1')
+  require(config.log.every_steps > 0, 'config.log.every_steps must be positive')
+  require(config.eval.knn_k > 0, 'config.eval.knn_k must be positive')
+  objectives.OBJECTIVES[config.objective].validate(config)
+  optim.validate(config)
+  tasks.TASKS[config.task].validate(config)

@@ -1,7 +1,8 @@
-"""The one training loop, for every objective and every scale.
+"""The one training loop, for every task, objective and scale.
 
-mesh -> data -> objective -> optimizer -> abstract state -> shardings -> restore or init -> jitted step
--> loop (log, images, kNN, checkpoints) -> final save. The loop never looks at the objective's name.
+mesh -> task -> model (objective) -> frozen networks -> data -> optimizer -> abstract state -> shardings
+-> restore or init -> jitted step -> loop (log, images, evaluators, checkpoints) -> final save. The loop
+never looks at the task's or the objective's name.
 """
 import os
 import time
@@ -10,9 +11,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mae_jax import checkpoint, data, metrics, objectives, optim, preemption, sharding
+from mae_jax import checkpoint, data, frozen, metrics, optim, preemption, sharding, tasks
 from mae_jax import config as config_lib
-from mae_jax.evaluate.knn import KnnEvaluator
 
 
 def check_workdir(workdir):
@@ -44,22 +44,25 @@ def make_init_fn(objective, tx, seed):
   def init_state(rng):
     params = objective.init(rng)
     zero = jnp.zeros((), jnp.int32)
-    return {'step': zero, 'params': params, 'opt_state': tx.init(params),
-            'rng': jax.random.key_data(jax.random.key(seed)),
-            'nonfinite': {'total': zero, 'consecutive': zero, 'last_step': zero - 1}}
+    state = {'step': zero, 'params': params, 'opt_state': tx.init(params),
+             'rng': jax.random.key_data(jax.random.key(seed)),
+             'nonfinite': {'total': zero, 'consecutive': zero, 'last_step': zero - 1}}
+    collections = objective.init_collections(jax.random.fold_in(rng, 1))
+    return {**state, 'collections': collections} if collections else state  # only tasks with BatchNorm have them
   return init_state
 
 
 def skip_nonfinite(train_step):
   """Keeps the previous params and optimizer state when the loss or gradients are not finite, and
   counts it in the state; the host decides whether to stop (`check_nonfinite`)."""
-  def guarded(state, batch):
-    new, step_metrics = train_step(state, batch)
+  def guarded(state, batch, frozen_params=None):
+    new, step_metrics = train_step(state, batch, frozen_params)
     finite = jnp.isfinite(step_metrics['loss']) & jnp.isfinite(step_metrics['grad_norm'])
     keep_if_bad = lambda updated, previous: jnp.where(finite, updated, previous)
     counts = state['nonfinite']
-    new = {**new, 'params': jax.tree.map(keep_if_bad, new['params'], state['params']),
-           'opt_state': jax.tree.map(keep_if_bad, new['opt_state'], state['opt_state']),
+    kept = {key: jax.tree.map(keep_if_bad, new[key], state[key]) for key in ('params', 'opt_state', 'collections')
+            if key in state}
+    new = {**new, **kept,
            'nonfinite': {'total': counts['total'] + (~finite).astype(jnp.int32),
                          'consecutive': jnp.where(finite, 0, counts['consecutive'] + 1),
                          'last_step': jnp.where(finite, counts['last_step'], new['step'])}}
@@ -87,50 +90,105 @@ def with_example_keys(batch, rng):
   return {**batch, 'example_key': keys}
 
 
-def make_train_step(objective, tx, schedule, grad_accum_steps=1):
+def trainable_norm(grads, trainable):
+  """Global norm of the gradients of the trainable leaves (`trainable`: pytree of bools like grads)."""
+  return optax.tree.norm(jax.tree.map(lambda g, t: g if t else jnp.zeros((), g.dtype), grads, trainable))
+
+
+def phase_grad_fn(objective, phase, single=True):
+  """value_and_grad of one update phase's loss, with respect to the trainable params only:
+  (params, frozen params, collections, batch, rng) -> ((loss, (metrics, collections)), grads like params)."""
+  def loss_of(params, frozen_params, collections, batch, rng):
+    merged = {**params, **jax.lax.stop_gradient(frozen_params)}
+    if single:
+      loss, metrics, collections = objective.loss_with_collections(merged, collections, batch, rng, True)
+    else:
+      loss, metrics = phase.loss_fn(merged, batch, rng, True)
+    return loss, (metrics, collections)
+  return jax.value_and_grad(loss_of, has_aux=True)
+
+
+def make_train_step(objective, tx, schedule, grad_accum_steps=1, trainable=None, batch_hook=None):
   """The step: for each of `objective.update_phases()` in order (one by default), gradients of its loss,
   averaged over `grad_accum_steps` micro-batches, then its optimizer update (`tx.update(..., phase=name)`
-  when there are several phases; see `Objective.update_phases`)."""
+  when there are several phases; see `Objective.update_phases`).
+
+  The step takes (state, batch, frozen): `frozen` are the frozen networks' params ({name: params}), merged
+  into the params the loss sees behind a stop-gradient, so their gradients are never formed. `trainable`
+  (the optimizer's leaves: a bool tree, or a PhaseTrainable) limits the gradient norm to what is trained.
+  `batch_hook(batch, rng)` is the task's batch-level augmentation. Objectives with mutable collections
+  (BatchNorm statistics) carry them through the micro-batches in order and store them in the state.
+  """
   phases = tuple(objective.update_phases())
   several = len(phases) > 1
-  grad_fns = [jax.value_and_grad(lambda params, batch, rng, loss_fn=phase.loss_fn: loss_fn(params, batch, rng, True),
-                                 has_aux=True) for phase in phases]
+  grad_fns = [phase_grad_fn(objective, phase, single=not several) for phase in phases]
 
-  def gradients(grad_fn, params, batch, rng):
-    """Loss, metrics and gradients of the batch, accumulated over `grad_accum_steps` micro-batches."""
+  def gradients(grad_fn, params, frozen_params, collections, batch, rng):
+    """Loss, metrics, updated collections and gradients, accumulated over `grad_accum_steps` micro-batches."""
     if grad_accum_steps == 1:
-      return grad_fn(params, batch, rng)
+      return grad_fn(params, frozen_params, collections, batch, rng)
     micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, -1, *x.shape[1:]), batch)
 
-    def accumulate(total, index_and_batch):
+    def accumulate(carry, index_and_batch):
+      total, collections = carry
       index, micro_batch = index_and_batch
-      out = grad_fn(params, micro_batch, jax.random.fold_in(rng, index))
-      return jax.tree.map(lambda t, o: t + o / grad_accum_steps, total, out), None
+      (loss, (metrics, collections)), grads = grad_fn(params, frozen_params, collections, micro_batch,
+                                                      jax.random.fold_in(rng, index))
+      total = jax.tree.map(lambda t, o: t + o / grad_accum_steps, total, (loss, metrics, grads))
+      return (total, collections), None
 
-    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng))
-    total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
-    return total
+    first = jax.tree.map(lambda x: x[0], micro)
+    (loss, (metrics, _)), grads = jax.eval_shape(grad_fn, params, frozen_params, collections, first, rng)
+    zeros = jax.tree.map(jnp.zeros_like, (loss, metrics, grads))
+    ((loss, metrics, grads), collections), _ = jax.lax.scan(accumulate, (zeros, collections),
+                                                            (jnp.arange(grad_accum_steps), micro))
+    return (loss, (metrics, collections)), grads
 
-  def train_step(state, batch):
+  def phase_trainable(name, grads):
+    if trainable is None:
+      return jax.tree.map(lambda _: True, grads)
+    return trainable[name] if isinstance(trainable, optim.PhaseTrainable) else trainable
+
+  def train_step(state, batch, frozen_params=None):
+    frozen_params = frozen_params or {}
     # A fresh key per step, folded inside jit: the same on every mesh, and restored with the step.
     rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), state['step'])
     example_rng, rng = jax.random.split(rng)
     batch = with_example_keys(batch, example_rng)
+    if batch_hook is not None:
+      batch = batch_hook(batch, jax.random.fold_in(example_rng, 1))
     params, opt_state, step_metrics, losses, norms = state['params'], state['opt_state'], {}, [], []
+    collections = state.get('collections', {})
     for index, (phase, grad_fn) in enumerate(zip(phases, grad_fns)):
-      (loss, phase_metrics), grads = gradients(grad_fn, params, batch, jax.random.fold_in(rng, index) if several else rng)
+      phase_rng = jax.random.fold_in(rng, index) if several else rng
+      (loss, (phase_metrics, collections)), grads = gradients(grad_fn, params, frozen_params, collections, batch,
+                                                              phase_rng)
       updates, opt_state = tx.update(grads, opt_state, params, **({'phase': phase.name} if several else {}))
       params = optax.apply_updates(params, updates)
       losses.append(loss)
-      norms.append(optax.tree.norm(grads))
+      norms.append(trainable_norm(grads, phase_trainable(phase.name, grads)))
       step_metrics.update(phase_metrics)
       if several:
         step_metrics.update({f'loss/phase_{phase.name}': loss, f'grad_norm/{phase.name}': norms[-1]})
     step_metrics.update({
         'loss': losses[0] if not several else sum(losses), 'lr': schedule(state['step']),
         'grad_norm': norms[0] if not several else jnp.sqrt(sum(n**2 for n in norms))})
-    return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}, step_metrics
+    new = {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+    return ({**new, 'collections': collections} if 'collections' in state else new), step_metrics
   return train_step
+
+
+class BoundStep:
+  """The jitted step with the frozen networks bound: `step(state, batch)`, and `lower` for AOT compilation."""
+
+  def __init__(self, jitted, frozen_params):
+    self.jitted, self.frozen_params = jitted, frozen_params
+
+  def __call__(self, state, batch):
+    return self.jitted(state, batch, self.frozen_params)
+
+  def lower(self, state, batch):
+    return self.jitted.lower(state, batch, self.frozen_params)
 
 
 class Trainer:
@@ -143,23 +201,38 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.mesh = sharding.create_mesh(config.mesh, devices)
     check_batch(config, self.mesh)
-    self.objective = objectives.create(config)
+    self.task = tasks.create(config)
+    self.objective = self.task.build_model()
+    # Loaded and checked before anything compiles: a wrong file is one message naming its config field.
+    self.frozen, frozen_sharding = frozen.load(self.objective.frozen_networks(), config, self.mesh)
     # `loader`: anything with `steps_per_epoch` and `iterate` (the benchmark's synthetic batches).
-    self.loader = loader or data.train_loader(config, jax.process_index(), jax.process_count())
+    self.loader = loader or data.train_loader(config, jax.process_index(), jax.process_count(),
+                                              self.task.train_transform())
     self.total_steps = total_steps(config, self.loader.steps_per_epoch)
     self.schedule = optim.learning_rate_schedule(config.train, self.loader.steps_per_epoch, self.total_steps)
     abstract_params = jax.eval_shape(self.objective.init, jax.random.key(0))
-    self.tx = optim.create(config.train, self.schedule, self.objective.trainable(abstract_params))
+    clash = set(abstract_params) & set(self.frozen)
+    if clash:
+      raise config_lib.ConfigError(f'frozen networks {sorted(clash)} have the names of trainable params')
+    trainable = self.objective.trainable(abstract_params)
+    self.tx = optim.create(config, self.schedule, trainable)
     self.init_fn = make_init_fn(self.objective, self.tx, config.seed)
     abstract_state = jax.eval_shape(self.init_fn, jax.random.key(0))
+    if 'collections' in abstract_state and len(self.objective.update_phases()) > 1:
+      raise config_lib.ConfigError(f'objective {config.objective!r}: mutable collections need a single update phase')
     self.state_sharding = sharding.state_shardings(abstract_state, self.mesh, config.mesh.fsdp_min_size_mb)
     self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                        abstract_state, self.state_sharding)
-    step_fn = make_train_step(self.objective, self.tx, self.schedule, config.train.grad_accum_steps)
-    self.train_step = jax.jit(skip_nonfinite(step_fn),
-                              in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh)),
-                              out_shardings=(self.state_sharding, sharding.replicated(self.mesh)),
-                              donate_argnums=(0,))
+    step_fn = make_train_step(self.objective, self.tx, self.schedule, config.train.grad_accum_steps,
+                              optim.trainable_leaves(config, trainable), self.task.batch_hook)
+    jitted = jax.jit(skip_nonfinite(step_fn),
+                     in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh), frozen_sharding),
+                     out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
+    self.train_step = BoundStep(jitted, self.frozen)
+
+  def with_frozen(self, params):
+    """The params that the objective's functions (features, visualize) take: trainable and frozen, merged."""
+    return {**params, **self.frozen}
 
   def init_state(self):
     """The initial state, created directly in its sharded layout (never whole on one device)."""
@@ -180,7 +253,7 @@ def warm_start(state, trainer, source):
 
 
 def train_and_evaluate(config, workdir):
-  """Pretrains per `config` in `workdir`, resuming from the latest checkpoint there if any.
+  """Runs `config.task` in `workdir`, resuming from the latest checkpoint there if any.
 
   Killed at any moment and restarted with the same command, a run ends bitwise identical to an
   uninterrupted one: the state, the RNG and the data position all come back from the checkpoint.
@@ -197,17 +270,20 @@ def train_and_evaluate(config, workdir):
   elif is_chief:
     print(f'Resuming from the checkpoint at step {start} in {ckpt.path}', flush=True)
   writer = metrics.Writer(workdir, trainer.total_steps, start, enabled=is_chief)
-  eval_source = data.eval_source(cfg)
-  knn = KnnEvaluator(cfg, objective, trainer.loader.source, eval_source, mesh) if eval_source else None
+  evaluators = trainer.task.build_evaluators(objective, trainer.loader.source, mesh)
 
-  def evaluate(step):
-    accuracy = knn(state['params'])
-    writer.scalars(step, {'knn/top1': accuracy})
-    if is_chief:
-      print(f'step {step}: kNN top-1 {accuracy:.4f}', flush=True)
-    return accuracy
+  def evaluate(step, due=lambda evaluator: True):
+    results = {}
+    for evaluator in evaluators.values():
+      if due(evaluator):
+        results.update(evaluator(trainer.with_frozen(state['params'])))
+    if results:
+      writer.scalars(step, results)
+      if is_chief:
+        print(f'step {step}: ' + ', '.join(f'{name} {value:.4f}' for name, value in results.items()), flush=True)
+    return results
 
-  if knn and start == 0:
+  if start == 0:
     evaluate(0)
   visualize = jax.jit(objective.visualize, out_shardings=sharding.replicated(mesh))
   preview = sharding.global_batch(next(trainer.loader.iterate(0, 1, prefetch=0)), mesh)['image'][:cfg.log.num_images]
@@ -228,9 +304,10 @@ def train_and_evaluate(config, workdir):
         rate = writer.progress(step, cfg.train.batch_size, {'loss': values['loss'], 'lr': values['lr'], **skipped})
         writer.scalars(step, {'perf/images_per_sec': rate, **skipped})  # data/skipped: undecodable images replaced
       if step % cfg.log.images_every_steps == 0 or step == trainer.total_steps:
-        shown = visualize(state['params'], preview, jax.random.key(step))
-        if shown is not None:
-          writer.images(step, 'reconstruction', metrics.image_grid(jax.device_get(shown), cfg.data.mean, cfg.data.std))
+        shown = visualize(trainer.with_frozen(state['params']), preview, jax.random.key(step))
+        if shown is not None:  # jit returns the panels' dict sorted by name: show them in the objective's order
+          columns = {name: jax.device_get(shown[name]) for name in objective.image_columns}
+          writer.images(step, 'reconstruction', metrics.image_grid(columns, cfg.data.mean, cfg.data.std))
       preempted = watch.reached(step)
       if preempted or ckpt.manager.should_save(step):
         check_nonfinite(state, cfg.train)  # never checkpoint past a step that must stop the run
@@ -241,21 +318,22 @@ def train_and_evaluate(config, workdir):
           print(f'Preempted (SIGTERM) at step {step}: checkpoint saved in {ckpt.path}; rerun the same command to '
                 'resume.', flush=True)
         return state
-      if knn and cfg.eval.knn_every_steps and step % cfg.eval.knn_every_steps == 0 and step != trainer.total_steps:
-        evaluate(step)
+      if step != trainer.total_steps:
+        evaluate(step, lambda evaluator: evaluator.every_steps and step % evaluator.every_steps == 0)
     skipped_steps = check_nonfinite(state, cfg.train)
     if ckpt.latest_step() != step:
       ckpt.save(step, state, cfg, force=True)
   finally:
     watch.close()
     ckpt.close()  # waits for in-flight saves: what was saved is complete
-  final = evaluate(step) if knn else None
+  final = evaluate(step)
   writer.close()
   if is_chief:
     print(f'Done: {step - start} steps in {time.time() - t0:.0f}s; checkpoint at step {step} in {ckpt.path}'
           + (f'; {skipped_steps} non-finite step(s) skipped' if skipped_steps else ''), flush=True)
-    baseline = [r['knn/top1'] for r in metrics.read_jsonl(workdir) if r['step'] == 0 and 'knn/top1' in r]
-    if final is not None and baseline:
-      print(f'kNN top-1 on {cfg.data.name}/{cfg.data.eval_split}: random init {baseline[0]:.4f} -> '
-            f'trained {final:.4f}', flush=True)
+    first = {name: value for r in metrics.read_jsonl(workdir) if r['step'] == 0 for name, value in r.items()}
+    for name, value in final.items():
+      if name in first:
+        print(f'{name} on {cfg.data.name}/{cfg.data.eval_split}: {trainer.task.start_label} {first[name]:.4f} -> '
+              f'trained {value:.4f}', flush=True)
   return state

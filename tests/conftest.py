@@ -4,6 +4,7 @@ JAX fixes its device count when its backend starts, so tests that need 8 (or 2 x
 code in a subprocess whose XLA_FLAGS are set before JAX is imported; the pytest process itself keeps
 whatever devices it has.
 """
+import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +14,21 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+CONFIGS = os.path.join(REPO, 'configs')
+
+
+def load_config(name):
+  """`configs/<name>.py`'s get_config(), as `--config=configs/<name>.py` loads it."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f'{name}.py'))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.fixture(name='load_config', scope='session')
+def load_config_fixture():
+  """`load_config(name)`: the config of configs/<name>.py."""
+  return load_config
 
 
 def cpu_env(num_devices=None, **extra):

@@ -4,6 +4,7 @@ The multi-device part runs this file as a script in a subprocess with 8 CPU devi
   python tests/test_sharding.py meshes
 """
 import json
+import os
 import sys
 from types import SimpleNamespace
 
@@ -15,6 +16,9 @@ from mae_jax import sharding
 
 STEPS = 5
 MESHES = {'1 device': (1, 1, 1), 'data=8': (8, 1, 8), 'fsdp=8': (1, 8, 8), 'data=2 x fsdp=4': (2, 4, 8)}
+# Every other objective (with its frozen networks) on the three meshes that matter most.
+OBJECTIVES = ('gan_mae', 'mimic_mae')
+OBJECTIVE_MESHES = ('1 device', 'data=8', 'fsdp=8')
 
 
 # ---- pure rules, no devices ----
@@ -74,8 +78,9 @@ def test_hybrid_mesh_needs_one_granule_per_dcn_index():
 
 @pytest.fixture(scope='module')
 def mesh_results(run_worker):
-  """One subprocess with 8 CPU devices trains the tiny config on every mesh (and once in bfloat16)."""
-  return run_worker(__file__, 'meshes', num_devices=8, timeout=400)
+  """One subprocess with 8 CPU devices trains the tiny config on every mesh (and once in bfloat16), and every
+  other objective, frozen networks included, on three of them."""
+  return run_worker(__file__, 'meshes', num_devices=8, timeout=900)
 
 
 @pytest.mark.multidevice
@@ -100,6 +105,20 @@ def test_every_mesh_trains_the_same(mesh_results):
   # The optimizer moments follow the parameters.
   assert results['fsdp=8']['opt_bytes_per_device'] == pytest.approx(results['1 device']['opt_bytes_per_device'] / 8,
                                                                      rel=0.01)
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize('objective', OBJECTIVES)
+def test_every_objective_trains_the_same_on_every_mesh(mesh_results, objective):
+  runs = mesh_results['objectives'][objective]
+  reference = np.array(runs['1 device']['losses'])
+  assert np.all(np.isfinite(reference)) and reference[-1] < reference[0]
+  for name in OBJECTIVE_MESHES:
+    np.testing.assert_allclose(runs[name]['losses'], reference, rtol=0, atol=1e-5, err_msg=f'{objective} {name}')
+    assert runs[name]['created_sharded'] and runs[name]['kept_sharding']
+  if objective == 'mimic_mae':  # the frozen teacher is placed by the same FSDP rule as the train state
+    assert all('fsdp' in spec for spec in runs['fsdp=8']['frozen_specs'].values())
+    assert all('fsdp' not in spec for spec in runs['data=8']['frozen_specs'].values())
 
 
 @pytest.mark.multidevice
@@ -142,6 +161,23 @@ def per_device_bytes(tree):
   return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
 
 
+def objective_config(objective, data, fsdp, teacher_file):
+  import mimic_objective
+  c = tiny_config(data, fsdp)
+  c.objective = objective
+  c.mae.norm_pix_loss = False  # GAN-MAE needs pixel targets
+  if objective == 'mimic_mae':
+    c.mimic_mae.teacher = teacher_file
+    mimic_objective.write_teacher(teacher_file, img_size=c.data.img_size)
+  return c
+
+
+def specs(tree):
+  import jax
+  return {jax.tree_util.keystr(path, simple=True, separator='/'): str(x.sharding.spec)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def train_run(config, num_devices):
   """Trains `config` on the first `num_devices` devices; returns the figures the tests check."""
   import jax
@@ -152,8 +188,7 @@ def train_run(config, num_devices):
   created_sharded = same(state)
   out = {'param_bytes_per_device': per_device_bytes(state['params']),
          'opt_bytes_per_device': per_device_bytes(state['opt_state']),
-         'specs': {jax.tree_util.keystr(path, simple=True, separator='/'): str(x.sharding.spec)
-                   for path, x in jax.tree_util.tree_leaves_with_path(state['params'])}}
+         'specs': specs(state['params']), 'frozen_specs': specs(trainer.frozen)}
   losses = []
   for local_batch in trainer.loader.iterate(0, STEPS, prefetch=0):
     state, metrics = trainer.train_step(state, sharding.global_batch(local_batch, trainer.mesh))
@@ -169,6 +204,20 @@ def worker_meshes():
     del out['trainer'], out['state']
     results[name] = out
   results['bfloat16'] = bfloat16_run()
+  import tempfile
+
+  import mimic_objective
+  mimic_objective.register()
+  teacher_file = os.path.join(tempfile.mkdtemp(), 'teacher.msgpack')
+  results['objectives'] = {}
+  for objective in OBJECTIVES:
+    runs = {}
+    for name in OBJECTIVE_MESHES:
+      data, fsdp, devices = MESHES[name]
+      out = train_run(objective_config(objective, data, fsdp, teacher_file), devices)
+      del out['trainer'], out['state']
+      runs[name] = out
+    results['objectives'][objective] = runs
   return results
 
 

@@ -6,10 +6,11 @@ from mae_jax.data import decode, loader, sources, transforms
 from mae_jax.data.sources import DataError
 
 
-def train_loader(config, process_index=0, process_count=1):
+def train_loader(config, process_index=0, process_count=1, transform=None):
+  """The training batches; `transform`: the task's per-image augmentation (default: the pretraining one)."""
   source = sources.create(config.data, config.data.train_split)
-  return loader.TrainLoader(source, transforms.TrainTransform(config.data), config.train.batch_size, config.seed,
-                            process_index, process_count, config.data.num_workers)
+  return loader.TrainLoader(source, transform or transforms.TrainTransform(config.data), config.train.batch_size,
+                            config.seed, process_index, process_count, config.data.num_workers)
 
 
 def eval_source(config):

@@ -8,6 +8,7 @@ import numpy as np
 
 from mae_jax import sharding
 from mae_jax.data import loader, transforms
+from mae_jax.evaluate.base import Evaluator
 
 
 def knn_top1(train_features, train_labels, test_features, test_labels, num_classes, k=20, temperature=0.07):
@@ -39,12 +40,13 @@ class EvenSubset:
     return self.source.describe(int(self.indices[index]))
 
 
-class KnnEvaluator:
+class KnnEvaluator(Evaluator):
   """Extracts features of the train split (the bank) and the eval split (the queries) with a jitted,
-  batch-sharded feature function, then classifies the queries."""
+  batch-sharded feature function, then classifies the queries: {'knn/top1': accuracy}."""
 
   def __init__(self, config, objective, train_source, eval_source, mesh):
     self.config, self.mesh = config, mesh
+    self.every_steps = config.eval.knn_every_steps
     bank = config.eval.knn_bank_size
     self.train_source = EvenSubset(train_source, bank) if bank and bank < len(train_source) else train_source
     self.eval_source = eval_source
@@ -68,5 +70,5 @@ class KnnEvaluator:
   def __call__(self, params):
     train_x, train_y = self._extract(params, self.train_source)
     test_x, test_y = self._extract(params, self.eval_source)
-    return knn_top1(train_x, train_y, test_x, test_y, self.eval_source.num_classes, self.config.eval.knn_k,
-                    self.config.eval.knn_temperature)
+    return {'knn/top1': knn_top1(train_x, train_y, test_x, test_y, self.eval_source.num_classes,
+                                 self.config.eval.knn_k, self.config.eval.knn_temperature)}

@@ -9,6 +9,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mae_jax.optim import PhaseTrainable  # noqa: F401  (re-exported: objectives return it)
+
 
 class UpdatePhase(NamedTuple):
   """One optimizer update of the train step: the gradient of `loss_fn` (same signature as
@@ -17,22 +19,44 @@ class UpdatePhase(NamedTuple):
   loss_fn: Callable
 
 
-class PhaseTrainable(dict):
-  """`trainable`'s answer for an objective with several update phases: {phase name: pytree of bools like
-  params}, the leaves each phase's optimizer updates. A leaf may belong to several phases (GAN-MAE's
-  shared encoder); a leaf in none is frozen. `optim.create` builds one optimizer (own moments, own
-  count) per entry."""
-
-
 class Objective(abc.ABC):
   """Base class of MAE, GAN-MAE, MAGE and MR-MAE.
 
-  Subclasses set `self.encoder` (a `ViTEncoder`) and implement `init` and `loss_fn`.
+  Subclasses set `self.encoder` (a `vit.ViT`) and implement `init` and `loss_fn`. An objective's own config
+  section (`config.<section>`) is defined and validated here, next to it: `default_config` and `validate`.
   """
+  section = None  # the name of its config section, or None
+  image_columns = ()  # the panels of `visualize`, left to right, as TensorBoard shows them
 
   def __init__(self, config):
     self.config = config
     self.img_size = config.data.img_size
+
+  @staticmethod
+  def default_config():
+    """The defaults of `config.<section>` (an ml_collections.ConfigDict), or None without a section."""
+    return None
+
+  @classmethod
+  def validate(cls, config):
+    """Raises `mae_jax.config.ConfigError` naming the field for a value of its section that cannot work."""
+
+  def frozen_networks(self):
+    """{name: `frozen.FrozenNetwork`}: networks used but never trained (a tokenizer, a teacher). Each is
+    loaded once from the file its config field names and reaches `loss_fn` as `params[name]`, outside the
+    train state: not differentiated, not in the optimizer state, not checkpointed."""
+    return {}
+
+  def init_collections(self, rng):
+    """Mutable collections ({'batch_stats': ...} of BatchNorm layers) kept in the train state and its
+    checkpoints; {} (the default) for none. Objectives with some override `loss_with_collections`."""
+    del rng
+    return {}
+
+  def loss_with_collections(self, params, collections, batch, rng, train=True):
+    """(loss, metrics, updated collections): the loop's entry point for a single-phase objective."""
+    loss, metrics = self.loss_fn(params, batch, rng, train)
+    return loss, metrics, collections
 
   @abc.abstractmethod
   def init(self, rng):
@@ -72,11 +96,13 @@ class Objective(abc.ABC):
 
   def num_fixed_params(self):
     """Entries of the fixed sin-cos tables, which the reference counts as (frozen) parameters."""
-    return (self.encoder.num_patches + 1) * self.encoder.width
+    if self.encoder.posemb != 'sincos':  # a learned table is a param, counted with the others
+      return 0
+    return (self.encoder.num_prefix_tokens + self.encoder.num_patches) * self.encoder.width
 
   def features(self, params, images):
     """(N, D) global-average-pooled encoder features of the unmasked images, for kNN evaluation."""
-    tokens, _, _ = self.encoder.apply({'params': params['encoder']}, images)
+    tokens = self.encoder.apply({'params': params['encoder']}, images)['tokens']
     return tokens[:, 1:].mean(axis=1)
 
   def visualize(self, params, images, rng):

@@ -29,7 +29,9 @@ through the discriminator is needed.
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from mae_jax.config import require
 from mae_jax.models.patchify import compose, patchify, unpatchify
 from mae_jax.models.vit import dense_init
 from mae_jax.objectives.base import PhaseTrainable, UpdatePhase
@@ -66,7 +68,40 @@ def tree_vdot(a, b):
 
 
 class GANMAE(MAE):
-  """MAE generator + shared-encoder replaced-patch discriminator. Params: encoder, decoder, disc_head."""
+  """MAE generator + shared-encoder replaced-patch discriminator. Params: encoder, decoder, disc_head.
+
+  Reads config.mae (mask ratio) as well as its own section; docs/gan_mae.md gives the reason for each default.
+  """
+  section = 'gan_mae'
+  image_columns = MAE.image_columns + ('disc_p_generated',)
+
+  @staticmethod
+  def default_config():
+    return ml_collections.ConfigDict(dict(
+        update_scheme='alternating',  # alternating: a generator update, then a discriminator one | joint: one update
+        adv_weight_mode='adaptive',  # adaptive: VQGAN's ||grad rec|| / (||grad adv|| + 1e-4) at decoder_pred | constant
+        adv_weight=0.1,              # the constant weight, or the factor on the adaptive one
+        adv_weight_max=1e4,          # clamp of the adaptive ratio (VQGAN's)
+        disc_weight=1.0,             # weight of the discriminator's replaced-patch loss
+        disc_loss='mean',            # mean: BCE over all patches | balanced: mean of the real and the fake patches' BCE
+        adv_through_disc_encoder=False,  # True: the adversarial term also moves the encoder in its discriminator role
+    ))
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    g = config.gan_mae
+    require(g.update_scheme in ('alternating', 'joint'),
+            f"config.gan_mae.update_scheme={g.update_scheme!r} is not 'alternating' or 'joint'")
+    require(g.adv_weight_mode in ('adaptive', 'constant'),
+            f"config.gan_mae.adv_weight_mode={g.adv_weight_mode!r} is not 'adaptive' or 'constant'")
+    require(g.disc_loss in ('mean', 'balanced'), f"config.gan_mae.disc_loss={g.disc_loss!r} is not 'mean' or 'balanced'")
+    require(g.adv_weight >= 0 and g.adv_weight_max > 0 and g.disc_weight > 0,
+            'config.gan_mae: adv_weight >= 0, adv_weight_max > 0, disc_weight > 0')
+    require(not config.mae.norm_pix_loss,
+            'config.mae.norm_pix_loss=True does not work with GAN-MAE: the discriminator sees generated patches next '
+            'to real ones, so predictions must be in the input pixel space; set --config.mae.norm_pix_loss=False '
+            '(docs/gan_mae.md)')
 
   def __init__(self, config):
     super().__init__(config)
@@ -110,7 +145,7 @@ class GANMAE(MAE):
   def discriminate(self, params, images, rng=None, train=False):
     """Per-patch logits (N, L), fp32: the shared encoder over every patch, then `disc_head`."""
     rngs = {'dropout': rng} if rng is not None else {}
-    tokens, _, _ = self.encoder.apply({'params': params['encoder']}, images, train=train, rngs=rngs)
+    tokens = self.encoder.apply({'params': params['encoder']}, images, train=train, rngs=rngs)['tokens']
     logits = self.disc_head.apply({'params': params['disc_head']}, tokens[:, 1:])
     return logits[..., 0].astype(jnp.float32)
 

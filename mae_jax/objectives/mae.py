@@ -6,7 +6,9 @@ against per-patch normalised pixels (`norm_pix_loss`, unbiased variance as in th
 """
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from mae_jax.config import require
 from mae_jax.models import masking, vit
 from mae_jax.models.decoder import MAEDecoder
 from mae_jax.models.patchify import compose, normalize_patches, patchify, unpatchify
@@ -22,6 +24,23 @@ def reconstruction_loss(pred, target, mask, norm_pix_loss):
 
 
 class MAE(Objective):
+  section = 'mae'
+  image_columns = ('original', 'masked', 'reconstruction')
+
+  @staticmethod
+  def default_config():
+    return ml_collections.ConfigDict(dict(
+        mask_ratio=0.75,     # fraction of patches removed; the encoder sees int(L * (1 - ratio)) of them
+        norm_pix_loss=True,  # per-patch normalised pixel targets (the paper's best; unbiased variance)
+    ))
+
+  @classmethod
+  def validate(cls, config):
+    ratio = config.mae.mask_ratio
+    require(0.0 < ratio < 1.0, f'config.mae.mask_ratio={ratio} must be in (0, 1)')
+    patches = (config.data.img_size // vit.parse_variant(config.model.variant)['patch_size']) ** 2
+    require(masking.num_kept(patches, ratio) >= 1,
+            f'config.mae.mask_ratio={ratio} leaves no visible patch of the {patches} (int({patches} * (1 - ratio)) = 0)')
 
   def __init__(self, config):
     super().__init__(config)
@@ -37,14 +56,18 @@ class MAE(Objective):
   def init(self, rng):
     enc_rng, dec_rng = jax.random.split(rng)
     images = self.dummy_images()
-    noise = jnp.zeros((1, self.encoder.num_patches))
-    enc_vars = self.encoder.init(enc_rng, images, noise, self.mask_ratio)
-    latent, _, ids_restore = self.encoder.apply(enc_vars, images, noise, self.mask_ratio)
-    dec_vars = self.decoder.init(dec_rng, latent, ids_restore)
+    m = self.random_masking(jnp.zeros((1, self.encoder.num_patches)))
+    enc_vars = self.encoder.init(enc_rng, images, m.ids_keep)
+    latent = self.encoder.apply(enc_vars, images, m.ids_keep)['tokens']
+    dec_vars = self.decoder.init(dec_rng, latent, m.ids_restore)
     return {'encoder': enc_vars['params'], 'decoder': dec_vars['params']}
 
   def num_fixed_params(self):
     return super().num_fixed_params() + (self.encoder.num_patches + 1) * self.decoder.width
+
+  def random_masking(self, noise):
+    """MAE's mask of `noise` (N, L): `masking.Masking` keeping int(L * (1 - mask_ratio)) tokens."""
+    return masking.random_masking(noise, masking.num_kept(noise.shape[1], self.mask_ratio))
 
   def sample_noise(self, example_keys):
     return masking.example_noise(example_keys, self.encoder.num_patches)
@@ -52,10 +75,10 @@ class MAE(Objective):
   def forward(self, params, images, noise, rng=None, train=False):
     """The reference's `forward` without the loss: (predictions (N, L, p*p*3), mask (N, L))."""
     rngs = {'dropout': rng} if rng is not None else {}
-    latent, mask, ids_restore = self.encoder.apply({'params': params['encoder']}, images, noise, self.mask_ratio,
-                                                   train, rngs=rngs)
-    pred = self.decoder.apply({'params': params['decoder']}, latent, ids_restore, train, rngs=rngs)
-    return pred, mask
+    m = self.random_masking(noise)
+    latent = self.encoder.apply({'params': params['encoder']}, images, m.ids_keep, train, rngs=rngs)['tokens']
+    pred = self.decoder.apply({'params': params['decoder']}, latent, m.ids_restore, train, rngs=rngs)
+    return pred, m.mask
 
   def loss_fn(self, params, batch, rng, train=True):
     images = batch['image']
