@@ -9,11 +9,18 @@ PIL) + `RandomHorizontalFlip()` + `ToTensor()` + `Normalize(mean, std)`, with th
 
 Evaluation is `Resize(int(size / 0.875), bicubic)` of the short side + `CenterCrop(size)`: 224 -> 256 (MAE),
 256 -> 292 (MAGE's `Resize(292)`), rounded down as `int()` does in the references.
+
+Downstream: `FinetuneTransform` is timm's `create_transform(is_training=True, ...)` as MAE's fine-tuning calls it
+(bicubic RandomResizedCrop (0.08, 1) + flip + RandAugment 'rand-m9-mstd0.5-inc1' + normalise + random erasing
+0.25, randaugment.py); `LinprobeTransform` is MAE's util/crop.RandomResizedCrop (one draw, clamped, no retries)
++ flip + normalise.
 """
 import math
 
 import numpy as np
 from PIL import Image
+
+from mae_jax.data.randaugment import RandomErasing, from_timm_string
 
 INTERPOLATIONS = {'bicubic': Image.BICUBIC, 'bilinear': Image.BILINEAR}
 EVAL_CROP_FRACTION = 0.875
@@ -110,3 +117,69 @@ class EvalTransform:
 
   def __call__(self, image, rng=None, out=None):
     return self.normalize(self.crop(image), out)
+
+
+def single_sample_crop_box(rng, height, width, scale, ratio):
+  """(top, left, h, w) of MAE's util/crop.RandomResizedCrop (TF/BYOL style): one area and log-ratio draw, the
+  window clamped to the image (w = min(w, width), h = min(h, height)), then a uniform position; no retries."""
+  target_area = height * width * rng.uniform(scale[0], scale[1])
+  aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+  # max(1, .): an image under 5 pixels would round to an empty window, which the reference cannot resize either
+  w = max(1, min(int(round(math.sqrt(target_area * aspect))), width))
+  h = max(1, min(int(round(math.sqrt(target_area / aspect))), height))
+  return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+
+
+def crop_resize_flip(image, box, size, resample, flip):
+  top, left, h, w = box
+  out = as_pil(image).crop((left, top, left + w, top + h)).resize((size, size), resample)
+  return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+
+
+class FinetuneTransform:
+  """MAE's fine-tuning augmentation, timm's `create_transform(is_training=True, auto_augment=randaugment,
+  interpolation='bicubic', re_prob=reprob, re_mode=remode, re_count=recount)`: RandomResizedCrop(scale, ratio)
+  as torchvision draws it + hflip + RandAugment + normalise + random erasing. All draws from `rng`."""
+
+  def __init__(self, data_config, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), randaugment='rand-m9-mstd0.5-inc1',
+               reprob=0.25, remode='pixel', recount=1, interpolation='bicubic'):
+    self.size, self.scale, self.ratio = data_config.img_size, tuple(scale), tuple(ratio)
+    self.hflip = data_config.hflip
+    self.resample = INTERPOLATIONS[interpolation]
+    # timm fills the geometric ops with the normalisation mean, in uint8
+    self.randaugment = from_timm_string(randaugment, data_config.mean, interpolation) if randaugment else None
+    self.erasing = RandomErasing(reprob, mode=remode, max_count=recount) if reprob > 0 else None
+    self.normalize = Normalizer(data_config.mean, data_config.std)
+
+  def augment(self, image, rng):
+    """The augmented (size, size, 3) uint8 image, before normalisation and erasing."""
+    image = as_pil(image)
+    box = random_resized_crop_box(rng, image.height, image.width, self.scale, self.ratio)
+    out = crop_resize_flip(image, box, self.size, self.resample, self.hflip and rng.random() < 0.5)
+    if self.randaugment is not None:
+      out = self.randaugment(out, rng)
+    return np.asarray(out)
+
+  def __call__(self, image, rng, out=None):
+    """(size, size, 3) float32, written into `out` when given."""
+    out = self.normalize(self.augment(image, rng), out)
+    return out if self.erasing is None else self.erasing(out, rng)
+
+
+class LinprobeTransform:
+  """MAE's linear-probe augmentation: util/crop.RandomResizedCrop(size, scale, ratio, bicubic) (one draw, no
+  retries: `single_sample_crop_box`) + hflip + normalise."""
+
+  def __init__(self, data_config, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), interpolation='bicubic'):
+    self.size, self.scale, self.ratio = data_config.img_size, tuple(scale), tuple(ratio)
+    self.hflip = data_config.hflip
+    self.resample = INTERPOLATIONS[interpolation]
+    self.normalize = Normalizer(data_config.mean, data_config.std)
+
+  def crop(self, image, rng):
+    image = as_pil(image)
+    box = single_sample_crop_box(rng, image.height, image.width, self.scale, self.ratio)
+    return np.asarray(crop_resize_flip(image, box, self.size, self.resample, self.hflip and rng.random() < 0.5))
+
+  def __call__(self, image, rng, out=None):
+    return self.normalize(self.crop(image, rng), out)
