@@ -23,7 +23,8 @@ from mae_jax.config import ConfigError
 from mae_jax.models import vit
 
 # Config fields that decide the shapes of the state: a checkpoint is only resumed if they match.
-IDENTITY_FIELDS = ('objective', 'model.variant', 'model.mlp_ratio', 'model.decoder', 'data.img_size')
+IDENTITY_FIELDS = ('task', 'objective', 'model.variant', 'model.mlp_ratio', 'model.decoder', 'data.img_size')
+FIELDS_ADDED_SINCE = {'task': 'pretrain'}  # what a checkpoint written before a field existed had
 
 
 class CheckpointError(RuntimeError):
@@ -44,6 +45,8 @@ def _manager(path, options):
 
 
 def _lookup(tree, dotted):
+  if dotted in FIELDS_ADDED_SINCE and dotted not in tree:
+    return FIELDS_ADDED_SINCE[dotted]
   for key in dotted.split('.'):
     tree = tree[key]
   return tree.to_dict() if isinstance(tree, ml_collections.ConfigDict) else tree
@@ -152,9 +155,32 @@ class Checkpointer:
     self.manager.close()
 
 
+class BestCheckpointer:
+  """The state where `metric` (an evaluator's, e.g. 'eval/top1') was highest, kept in
+  <workdir>/checkpoints_best beside the latest ones (orbax keeps the one best by the saved metrics)."""
+
+  def __init__(self, workdir, metric):
+    self.metric = metric
+    self.path = os.path.join(os.path.abspath(workdir), 'checkpoints_best')
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode='max',
+                                           enable_async_checkpointing=False)
+    self.manager = _manager(self.path, options)
+
+  def offer(self, step, state, config, results):
+    """Saves `state` if `results` has the metric and this step is not saved yet; orbax drops the worse one."""
+    if self.metric not in results or step in self.manager.all_steps():
+      return
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
+    self.manager.save(step, args=args, metrics={self.metric: float(results[self.metric])}, force=True)
+
+  def close(self):
+    self.manager.close()
+
+
 def load_params(workdir, step=None):
   """(config, params) of a run's checkpoint (latest by default), as host arrays, for export and warm starts."""
-  manager = _manager(directory(workdir), ocp.CheckpointManagerOptions(read_only=True))
+  # Never written to (no save is made); not `read_only`, which only logs warnings about the options it changes.
+  manager = _manager(directory(workdir), ocp.CheckpointManagerOptions(create=False))
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory(workdir)}')

@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 def base_config():
   from mae_jax import objectives, optim, tasks  # late: they import this module
   c = ml_collections.ConfigDict()
-  c.task = 'pretrain'      # what the one loop runs (mae_jax/tasks.py): pretrain
+  c.task = 'pretrain'      # what the one loop runs (mae_jax/tasks.py): pretrain | finetune | linprobe
   c.objective = 'mae'
   c.seed = 0
 
@@ -35,8 +35,9 @@ def base_config():
       decoder=dict(width=512, depth=8, num_heads=16),
   ))
 
-  # Each objective's own section (config.mae, config.gan_mae, ...), defined and validated next to it.
-  for name, section in objectives.config_sections().items():
+  # Each objective's and each task's own section (config.mae, config.gan_mae, config.finetune, ...), defined
+  # and validated next to it.
+  for name, section in {**objectives.config_sections(), **tasks.config_sections()}.items():
     c[name] = section
 
   c.data = ml_collections.ConfigDict(dict(
@@ -94,6 +95,8 @@ def base_config():
 
   c.eval = ml_collections.ConfigDict(dict(
       evaluators=('knn',),     # which of the task's evaluators run (on data.eval_split; '' there disables all)
+      every_steps=0,           # classification: also every this many steps (0: before training and at the end)
+      batch_size=256,          # classification evaluation batch
       knn_every_steps=0,       # 0: only before training and at the end
       knn_k=20,
       knn_temperature=0.07,

@@ -230,9 +230,11 @@ class Trainer:
                      out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
     self.train_step = BoundStep(jitted, self.frozen)
 
-  def with_frozen(self, params):
-    """The params that the objective's functions (features, visualize) take: trainable and frozen, merged."""
-    return {**params, **self.frozen}
+  def with_frozen(self, state):
+    """The params that the objective's functions (features, visualize, predict) take: the state's trainable
+    params and the frozen networks, merged, with the mutable collections (if any) under 'collections'."""
+    collections = {'collections': state['collections']} if 'collections' in state else {}
+    return {**state['params'], **self.frozen, **collections}
 
   def init_state(self):
     """The initial state, created directly in its sharded layout (never whole on one device)."""
@@ -244,10 +246,11 @@ def warm_start(state, trainer, source):
   """Replaces the initial params with those of `source` (a run's workdir or an imported params file) that
   match by name and shape."""
   if os.path.isdir(checkpoint.directory(source)):
-    _, params = checkpoint.load_params(source)
+    source_config, params = checkpoint.load_params(source)
   else:
     from mae_jax.export import load_init_params  # an imported PyTorch release (python -m mae_jax.export import)
-    params = load_init_params(source)
+    source_config, params = None, load_init_params(source)
+  params = trainer.objective.warm_start_source(params, source_config)
   merged = checkpoint.merge_matching(jax.device_get(state['params']), params, source)
   return {**state, 'params': jax.device_put(merged, trainer.state_sharding['params'])}
 
@@ -271,16 +274,19 @@ def train_and_evaluate(config, workdir):
     print(f'Resuming from the checkpoint at step {start} in {ckpt.path}', flush=True)
   writer = metrics.Writer(workdir, trainer.total_steps, start, enabled=is_chief)
   evaluators = trainer.task.build_evaluators(objective, trainer.loader.source, mesh)
+  best = checkpoint.BestCheckpointer(workdir, trainer.task.best_metric) if trainer.task.best_metric else None
 
   def evaluate(step, due=lambda evaluator: True):
     results = {}
     for evaluator in evaluators.values():
       if due(evaluator):
-        results.update(evaluator(trainer.with_frozen(state['params'])))
+        results.update(evaluator(trainer.with_frozen(state)))
     if results:
       writer.scalars(step, results)
       if is_chief:
         print(f'step {step}: ' + ', '.join(f'{name} {value:.4f}' for name, value in results.items()), flush=True)
+      if best and step > 0:
+        best.offer(step, state, cfg, results)
     return results
 
   if start == 0:
@@ -288,7 +294,7 @@ def train_and_evaluate(config, workdir):
   visualize = jax.jit(objective.visualize, out_shardings=sharding.replicated(mesh))
   preview = sharding.global_batch(next(trainer.loader.iterate(0, 1, prefetch=0)), mesh)['image'][:cfg.log.num_images]
   if is_chief:
-    print(f'Training {cfg.objective} {cfg.model.variant} on {mesh.devices.size} device(s), mesh {dict(mesh.shape)}, '
+    print(f'Training {trainer.task.title} {cfg.model.variant} on {mesh.devices.size} device(s), mesh {dict(mesh.shape)}, '
           f'steps {start}->{trainer.total_steps}, batch {cfg.train.batch_size}', flush=True)
 
   watch = preemption.PreemptionWatch(ckpt.manager)
@@ -304,7 +310,7 @@ def train_and_evaluate(config, workdir):
         rate = writer.progress(step, cfg.train.batch_size, {'loss': values['loss'], 'lr': values['lr'], **skipped})
         writer.scalars(step, {'perf/images_per_sec': rate, **skipped})  # data/skipped: undecodable images replaced
       if step % cfg.log.images_every_steps == 0 or step == trainer.total_steps:
-        shown = visualize(trainer.with_frozen(state['params']), preview, jax.random.key(step))
+        shown = visualize(trainer.with_frozen(state), preview, jax.random.key(step))
         if shown is not None:  # jit returns the panels' dict sorted by name: show them in the objective's order
           columns = {name: jax.device_get(shown[name]) for name in objective.image_columns}
           writer.images(step, 'reconstruction', metrics.image_grid(columns, cfg.data.mean, cfg.data.std))
@@ -327,6 +333,8 @@ def train_and_evaluate(config, workdir):
     watch.close()
     ckpt.close()  # waits for in-flight saves: what was saved is complete
   final = evaluate(step)
+  if best:
+    best.close()
   writer.close()
   if is_chief:
     print(f'Done: {step - start} steps in {time.time() - t0:.0f}s; checkpoint at step {step} in {ckpt.path}'

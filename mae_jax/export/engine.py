@@ -46,15 +46,20 @@ def _compile(fmt):
   return rules
 
 
-def _translate(rules, key, side):
-  """The rule matching `key` on `side` (0: jax, 1: torch): (order, the other side's key, kind), or None."""
+def _translate(rules, key, side, wanted=None):
+  """The rule matching `key` on `side` (0: jax, 1: torch): (order, the other side's key, kind), or None.
+  Where several rules match (a torch key that two JAX layouts share), the first whose other side is in
+  `wanted` wins."""
+  hits = []
   for n, rule in enumerate(rules):
     m = rule.patterns[side].match(key)
     if m:
       i = m.groupdict().get('i')
       other = rule.keys[1 - side]
-      return (rule.group, int(i) if i else -1, n), other.replace('{i}', i) if i else other, rule.kind
-  return None
+      other = other.replace('{i}', i) if i else other
+      hits.append(((rule.group, int(i) if i else -1, n), other, rule.kind))
+  preferred = [hit for hit in hits if wanted is not None and hit[1] in wanted]
+  return (preferred or hits or [None])[0]
 
 
 def _matches(key, globs):
@@ -81,15 +86,19 @@ def to_torch(params, fmt, fixed, grid=None):
   out, problems = [], []
   for path, value in flat.items():
     hit = _translate(rules, path, 0)
-    if hit is None or hit[2] in tables.POSITION_KINDS:
+    if hit is None or (hit[2] in tables.POSITION_KINDS and path in fixed):
       problems.append(f'{path} {np.shape(value)}: no rule for it in format {fmt!r}')
       continue
     order, key, kind = hit
+    if kind in tables.POSITION_KINDS:  # a learned table (a fine-tuned model's), resampled for another grid
+      value = resample_posemb(value, grid) if grid is not None and tuple(grid) != _grid(value) else value
+      out.append((order, key, np.array(value, np.float32, order='C')))
+      continue
     out.append((order, key, np.array(tables.KINDS[kind][0](np.asarray(value)), order='C')))
   present = {path.split('/')[0] for path in flat}
   for n, rule in enumerate(rules):
     (jax, key), kind = rule.keys, rule.kind
-    if kind not in tables.POSITION_KINDS or jax.split('/')[0] not in present:
+    if kind not in tables.POSITION_KINDS or jax.split('/')[0] not in present or jax not in fixed:
       continue
     table = fixed[jax]
     if grid is not None and tuple(grid) != _grid(table):
@@ -143,7 +152,7 @@ def from_torch(state_dict, fmt, expected, fixed, allow_missing=(), ignore=()):
     if _matches(key, ignore):
       logging.warning('%s %s: ignored as asked', key, tuple(value.shape))
       continue
-    hit = _translate(rules, key, 1)
+    hit = _translate(rules, key, 1, wanted=expected)
     if hit is None:
       problems.append(f'{key} {tuple(value.shape)}: unexpected, no rule for it in format {fmt!r}')
       continue
@@ -154,7 +163,10 @@ def from_torch(state_dict, fmt, expected, fixed, allow_missing=(), ignore=()):
     elif path not in expected:
       problems.append(f'{key} {tuple(value.shape)}: unexpected, the model has no param {path}')
     else:
-      converted, want = np.ascontiguousarray(tables.KINDS[kind][1](value)), expected[path]
+      convert = (lambda x: x) if kind in tables.POSITION_KINDS else tables.KINDS[kind][1]  # a learned table
+      converted, want = np.ascontiguousarray(convert(value)), expected[path]
+      if kind in tables.POSITION_KINDS and converted.shape != tuple(want.shape) and converted.ndim == 3:
+        converted = resample_posemb(converted, math.isqrt(want.shape[1] - 1))  # trained at another resolution
       if converted.shape != tuple(want.shape):
         problems.append(f'{key}: shape {tuple(value.shape)} gives {path} {converted.shape}, the model has '
                         f'{tuple(want.shape)}')

@@ -61,8 +61,12 @@ FORMATS = {
     # timm `VisionTransformer` (class_token=True, global_pool='token'): features = norm(x)[:, 0].
     'timm-vit': _encoder('posemb') + HEAD,
     # timm `VisionTransformer(global_pool='avg', fc_norm=True)` (MAE fine-tuning's default): features =
-    # fc_norm(mean(x[:, 1:])). Our final norm becomes fc_norm; MAE's fine-tuning re-initialises it anyway.
-    'timm-vit-avg': _encoder('posemb', norm='fc_norm') + HEAD,
+    # fc_norm(mean(x[:, 1:])). A pretrained encoder's final norm becomes fc_norm (MAE's fine-tuning re-initialises
+    # it anyway); a fine-tuned classifier (pool='gap') has its own fc_norm and a learned pos_embed.
+    'timm-vit-avg': _encoder('posemb', norm='fc_norm') + _norm('encoder/fc_norm', 'fc_norm') + HEAD,
+    # facebookresearch/mae `models_vit.VisionTransformer(global_pool=True)`, the fine-tuned releases
+    # (mae_finetuned_vit_*.pth): the same keys as timm's global-pool model (`fc_norm`, `head`, learned `pos_embed`).
+    'mae-finetuned': _encoder('posemb', norm='fc_norm') + _norm('encoder/fc_norm', 'fc_norm') + HEAD,
     # GAN-MAE (no reference code exists): the MAE pretraining model plus the discriminator's per-patch head,
     # named `disc_head` like our param (a torch.nn.Linear(D, 1)); the encoder is shared by both players.
     'gan-mae': _encoder('sincos') + MAE_DECODER + _linear('disc_head', 'disc_head'),
@@ -75,8 +79,11 @@ def scope(fmt):
 
 
 def fixed_tables(objective):
-  """The objective's fixed sin-cos tables (1, 1 + L, D), keyed by the jax paths the rules use."""
-  out = {'encoder/pos_embed': posemb_sincos_2d(objective.encoder.width, objective.encoder.grid_size)[None]}
+  """The objective's fixed sin-cos tables (1, 1 + L, D), keyed by the jax paths the rules use (a learned
+  table is a param instead, exported and imported like one)."""
+  out = {}
+  if objective.encoder.posemb == 'sincos':
+    out['encoder/pos_embed'] = posemb_sincos_2d(objective.encoder.width, objective.encoder.grid_size)[None]
   decoder = getattr(objective, 'decoder', None)
   if decoder is not None:
     out['decoder/decoder_pos_embed'] = posemb_sincos_2d(decoder.width, decoder.grid_size)[None]

@@ -10,7 +10,7 @@ from etils import epath
 import jax
 import numpy as np
 
-from mae_jax import objectives
+from mae_jax import tasks
 from mae_jax.export import engine, tables
 
 SUFFIXES = ('.pth', '.pt', '.safetensors')
@@ -28,7 +28,7 @@ def export_state_dict(params, config, fmt, img_size=None, num_classes=0):
     num_classes: timm formats only: a classifier `head` of this size, zero-initialised unless the params
       have one (the reference's fine-tuning re-initialises it with std 2e-5 anyway).
   """
-  objective = objectives.create(config)
+  objective = tasks.model_for_params(config, params)
   grid = None
   if img_size:
     patch = objective.encoder.patch_size

@@ -14,7 +14,7 @@ from etils import epath
 import flax
 import jax
 
-from mae_jax import objectives
+from mae_jax import tasks
 from mae_jax.export import engine, tables
 
 
@@ -60,7 +60,8 @@ def load_state_dict(path):
 
 def import_state_dict(state_dict, config, fmt, allow_missing=(), ignore=()):
   """{torch key: array} in format `fmt` -> params for the model of `config` (see `engine.from_torch`)."""
-  objective = objectives.create(config)
+  head = state_dict.get('head.bias')
+  objective = tasks.create(config).build_model(head.shape[0] if head is not None else None)
   expected = jax.eval_shape(objective.init, jax.random.key(0))
   return engine.from_torch(state_dict, fmt, expected, tables.fixed_tables(objective), tuple(allow_missing),
                            tuple(ignore))

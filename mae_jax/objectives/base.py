@@ -53,6 +53,12 @@ class Objective(abc.ABC):
     del rng
     return {}
 
+  def warm_start_source(self, params, source_config):
+    """The params of `config.init_from` to merge into a fresh init (by name and shape); `source_config`: the
+    source run's config, or None for an imported file. Downstream models check and adapt them here."""
+    del source_config
+    return params
+
   def loss_with_collections(self, params, collections, batch, rng, train=True):
     """(loss, metrics, updated collections): the loop's entry point for a single-phase objective."""
     loss, metrics = self.loss_fn(params, batch, rng, train)
