@@ -209,12 +209,12 @@ def run(config, steps, warmup, compile_only):
   state = trainer.init_state()
   batch = sharding.global_batch(loader.local_batch(0), mesh)
   for _ in range(warmup):
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, batch, trainer.frozen)
   jax.block_until_ready(state)
   times = []
   for _ in range(steps):
     start = time.perf_counter()
-    state, metrics = compiled(state, batch)
+    state, metrics = compiled(state, batch, trainer.frozen)
     jax.block_until_ready(metrics['loss'])
     times.append(time.perf_counter() - start)
   jax.block_until_ready(state)
