@@ -245,6 +245,13 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   config = f.config
+  try:
+    config.objective  # a config file that failed to load raises only when first used
+  except OSError as e:
+    fail(' '.join(str(e).split()))  # ml_collections' message spans lines
+  for name in ('steps', 'warmup', 'per_device_batch', 'simulate_devices'):
+    if f[name].value < (1 if name == 'steps' else 0):
+      fail(f'--{name}={f[name].value} must be >= {1 if name == "steps" else 0}')
   if f.simulate_devices > 0:  # before anything starts a backend
     import jax
     jax.config.update('jax_platforms', 'cpu')
@@ -263,7 +270,7 @@ def main(argv):
   if f.per_device_batch > 0:
     config.train.batch_size = f.per_device_batch * jax.device_count() * config.train.grad_accum_steps
   try:
-    run(config, max(f.steps, 1), max(f.warmup, 0), f.compile_only)
+    run(config, f.steps, f.warmup, f.compile_only)
   except (config_lib.ConfigError, sharding.MeshError) as e:
     fail(e)
 

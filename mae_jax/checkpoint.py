@@ -6,18 +6,20 @@ key and the non-finite-step counters; the data pipeline's position is the step i
 
 Safety: orbax writes each step into a temporary directory and renames it when complete, so a save
 interrupted by a crash is never picked up (leftovers are cleaned at start). A finished checkpoint that
-cannot be read (a truncated file) is moved aside with a warning and the previous one is used. A
-checkpoint of another model is refused with a message naming the difference.
+cannot be read (a truncated file) is moved aside with a warning and the previous one is used; so is one whose
+files no longer match the checksums (size and CRC32 of each file, `checksums.json`) written once its save had
+completed. A checkpoint of another model is refused with a message naming the difference.
 """
+import json
 import math
 import os
 import time
+import zlib
 
 import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
-from absl import logging
 
 from mae_jax.config import ConfigError
 from mae_jax.models import vit
@@ -25,6 +27,13 @@ from mae_jax.models import vit
 # Config fields that decide the shapes of the state: a checkpoint is only resumed if they match.
 IDENTITY_FIELDS = ('task', 'objective', 'model.variant', 'model.mlp_ratio', 'model.decoder', 'data.img_size')
 FIELDS_ADDED_SINCE = {'task': 'pretrain'}  # what a checkpoint written before a field existed had
+# Fields (or sections) whose change on resume leaves the run's meaning alone (logging, evaluation, saving, layout,
+# memory, length): listed, never refused. Any other change needs config.allow_config_change to name it.
+HARMLESS_FIELDS = ('log', 'eval', 'checkpoint', 'mesh', 'init_from', 'train.num_steps', 'train.epochs',
+                   'data.num_workers', 'data.prefetch', 'data.eval_split', 'model.remat', 'model.remat_policy')
+
+
+CHECKSUMS = 'checksums.json'  # beside the orbax items of each step: {relative path: [size, crc32]}
 
 
 class CheckpointError(RuntimeError):
@@ -33,6 +42,10 @@ class CheckpointError(RuntimeError):
 
 class CheckpointMismatch(ConfigError):
   """The workdir holds a checkpoint of another model."""
+
+
+class ConfigDrift(ConfigError):
+  """The run would resume with a config that changes its meaning."""
 
 
 def directory(workdir):
@@ -83,6 +96,79 @@ def describe_mismatch(saved_config, saved_state_metadata, config, abstract_state
   return None
 
 
+class ChecksumMismatch(RuntimeError):
+  """A checkpoint file differs from what was saved (flipped bits, truncation, a missing file)."""
+
+
+def _crc32(path):
+  crc = 0
+  with open(path, 'rb') as f:
+    for chunk in iter(lambda: f.read(1 << 24), b''):
+      crc = zlib.crc32(chunk, crc)
+  return crc
+
+
+def file_checksums(folder):
+  """{path relative to `folder`: [size, crc32]} of the orbax items' files of one step's folder."""
+  sums = {}
+  for item in ('state', 'config'):
+    for root, _, files in os.walk(os.path.join(folder, item)):
+      for name in files:
+        path = os.path.join(root, name)
+        sums[os.path.relpath(path, folder)] = [os.path.getsize(path), _crc32(path)]
+  return sums
+
+
+def verify_checksums(folder):
+  """Raises ChecksumMismatch unless every file listed in `folder`'s checksums matches (no list: not checked,
+  a checkpoint written before checksums, or one killed between its save and its checksums)."""
+  listed = os.path.join(folder, CHECKSUMS)
+  if not os.path.exists(listed):
+    return
+  with open(listed) as f:
+    expected = json.load(f)
+  for name, (size, crc) in sorted(expected.items()):
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+      raise ChecksumMismatch(f'{name} is missing')
+    if os.path.getsize(path) != size:
+      raise ChecksumMismatch(f'{name} has {os.path.getsize(path)} bytes, {size} when saved')
+    if _crc32(path) != crc:
+      raise ChecksumMismatch(f'{name} does not match the checksum written with it')
+
+
+def _flatten(tree, prefix=''):
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = _normalise(value)
+  return flat
+
+
+def _shown(value):
+  return f'{value:.6g}' if isinstance(value, float) else repr(value)  # 0.0015, not 0.0014999999999999998
+
+
+def _covers(names, field):
+  return any(field == name or field.startswith(name + '.') for name in names)
+
+
+def config_changes(saved_config, config):
+  """(harmless, refused): the fields that differ between a checkpoint's config and `config`, as
+  (field, 'field: old -> new'); refused ones change the run and are not named by config.allow_config_change.
+  Fields that only one of them has (added or removed since) are not compared."""
+  saved, current = _flatten(saved_config), _flatten(config.to_dict())
+  allowed = HARMLESS_FIELDS + tuple(name for name in config.get('allow_config_change', '').split(',') if name)
+  harmless, refused = [], []
+  for field in sorted(set(saved) & set(current) - {'allow_config_change'}):  # a permission, not part of the run
+    if saved[field] != current[field]:
+      change = f'{field}: {_shown(saved[field])} -> {_shown(current[field])}'
+      (harmless if _covers(allowed, field) else refused).append((field, change))
+  return harmless, refused
+
+
 class Checkpointer:
 
   def __init__(self, workdir, checkpoint_config):
@@ -92,6 +178,8 @@ class Checkpointer:
         keep_period=checkpoint_config.keep_every_steps or None, enable_async_checkpointing=True,
         cleanup_tmp_directories=True)
     self.manager = _manager(self.path, options)
+    self.config_changes = []  # the harmless changes since the restored checkpoint, as 'field: old -> new'
+    self._unsealed = None  # the step saved last, whose checksums are written once its save has completed
 
   def latest_step(self):
     return self.manager.latest_step()
@@ -99,16 +187,36 @@ class Checkpointer:
   def save(self, step, state, config, force=False):
     """Saves asynchronously if `step` is on the interval (or `force`); returns whether it saved."""
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), config=ocp.args.JsonSave(config.to_dict()))
+    if self._unsealed is not None:
+      self.wait()  # orbax would wait for the previous save anyway; its checksums come first
     try:
-      return self.manager.save(step, args=args, force=force)
+      saved = self.manager.save(step, args=args, force=force)
     except Exception as e:  # an earlier async save's failure surfaces here too
       raise self._save_error(step, e) from e
+    if saved:
+      self._unsealed = step
+    return saved
 
   def wait(self):
     try:
       self.manager.wait_until_finished()
     except Exception as e:
       raise self._save_error(self.latest_step(), e) from e
+    self._seal()
+
+  def _seal(self):
+    """Writes the checksums of the last save, complete by now (process 0, which sees every host's files)."""
+    step, self._unsealed = self._unsealed, None
+    folder = os.path.join(self.path, str(step))
+    if step is None or jax.process_index() != 0 or not os.path.isdir(folder):
+      return
+    try:
+      partial = os.path.join(folder, CHECKSUMS + '.partial')
+      with open(partial, 'w') as f:
+        json.dump(file_checksums(folder), f)
+      os.replace(partial, os.path.join(folder, CHECKSUMS))
+    except OSError as e:
+      raise self._save_error(step, e) from e
 
   def _save_error(self, step, error):
     kept = [s for s in self.manager.all_steps() if os.path.isdir(os.path.join(self.path, str(s)))]
@@ -118,10 +226,12 @@ class Checkpointer:
   def restore_latest(self, abstract_state, config):
     """(state, step) of the newest readable checkpoint, or (None, None) if there is none.
 
-    Raises CheckpointMismatch if it belongs to another model; skips (and moves aside) unreadable ones.
+    Raises CheckpointMismatch if it belongs to another model, ConfigDrift if `config` changes the run's
+    meaning; skips (and moves aside) unreadable ones. Sets `config_changes`.
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
+        verify_checksums(os.path.join(self.path, str(step)))
         saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         metadata = self.manager.item_metadata(step)['state']
       except Exception as e:
@@ -132,6 +242,13 @@ class Checkpointer:
         raise CheckpointMismatch(
             f'the checkpoint of step {step} in {self.path} belongs to another model: {mismatch}. Use a new '
             f'--workdir, or --config.init_from={os.path.dirname(self.path)} to start from its matching params.')
+      harmless, refused = config_changes(saved_config, config)
+      if refused:
+        raise ConfigDrift(
+            f'resuming the checkpoint of step {step} in {self.path} with a config that changes the run: '
+            f'{"; ".join(text for _, text in refused)}. Use a new --workdir, or resume anyway with '
+            f'--config.allow_config_change={",".join(field for field, _ in refused)}')
+      self.config_changes = [text for _, text in harmless]
       try:
         state = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
         return state.state, step
@@ -143,10 +260,10 @@ class Checkpointer:
     """Renames an unreadable checkpoint (orbax then ignores it) so the run falls back to the previous one."""
     source = os.path.join(self.path, str(step))
     target = f'{source}.unreadable-{int(time.time())}'
-    message = f'the checkpoint of step {step} in {self.path} is unreadable ({type(error).__name__}: {error})'
+    reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ''  # not TensorStore's dump
+    message = f'the checkpoint of step {step} in {self.path} is unreadable ({type(error).__name__}: {reason})'
     if jax.process_index() == 0:
       os.rename(source, target)
-    logging.warning('%s; moved it to %s and trying the previous one', message, target)
     print(f'WARNING: {message}; moved it to {os.path.basename(target)}, trying the previous one', flush=True)
     self.manager.reload()
 
@@ -184,6 +301,10 @@ def load_params(workdir, step=None):
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory(workdir)}')
+  try:
+    verify_checksums(os.path.join(directory(workdir), str(step)))
+  except ChecksumMismatch as e:
+    raise CheckpointError(f'the checkpoint of step {step} in {directory(workdir)} is damaged: {e}') from None
   config = ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(
       config=ocp.args.JsonRestore())).config)
   metadata = manager.item_metadata(step)['state']

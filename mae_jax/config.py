@@ -85,6 +85,10 @@ def base_config():
 
   # Keep the newest `keep` checkpoints, plus every `keep_every_steps`-th step (0: none) for the record.
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3, keep_every_steps=0))
+  # Resuming with other values of these fields (comma-separated, a section names all its fields) that change the
+  # run's meaning (model, data, batch, schedule, ...): allowed only when named here. Logging, evaluation and
+  # length changes need no naming (checkpoint.HARMLESS_FIELDS).
+  c.allow_config_change = ''
   c.init_from = ''  # warm start: a workdir or an imported params file; loads the params that match by name and shape
 
   c.log = ml_collections.ConfigDict(dict(
@@ -143,6 +147,8 @@ def validate(config):
   require(0.0 <= config.model.drop_path_rate < 1.0, 'config.model.drop_path_rate must be in [0, 1)')
   require(config.data.source in DATA_SOURCES,
           f'config.data.source={config.data.source!r} is not one of {DATA_SOURCES}')
+  require(len(config.data.crop_scale) == 2 and len(config.data.crop_ratio) == 2,
+          'config.data.crop_scale and config.data.crop_ratio need two values (lo, hi)')
   lo, hi = config.data.crop_scale
   require(0.0 < lo <= hi <= 1.0, f'config.data.crop_scale={tuple(config.data.crop_scale)} must satisfy 0 < lo <= hi <= 1')
   require(len(config.data.mean) == 3 and len(config.data.std) == 3 and min(config.data.std) > 0,
@@ -175,6 +181,20 @@ def validate(config):
   require(t.on_nonfinite in ('stop', 'skip'), f"config.train.on_nonfinite={t.on_nonfinite!r} is not 'stop' or 'skip'")
   require(t.max_consecutive_nonfinite >= 1, 'config.train.max_consecutive_nonfinite must be >= 1')
   require(config.log.every_steps > 0, 'config.log.every_steps must be positive')
+  require(config.log.images_every_steps > 0, 'config.log.images_every_steps must be positive')
+  require(config.log.num_images >= 1, f'config.log.num_images={config.log.num_images} must be >= 1')
+  require(config.seed >= 0, f'config.seed={config.seed} must be >= 0')
+  e = config.eval
+  require(min(e.every_steps, e.knn_every_steps, e.knn_bank_size) >= 0,
+          'config.eval: every_steps, knn_every_steps and knn_bank_size must be >= 0 (0 = off / the whole split)')
+  require(min(e.batch_size, e.knn_batch_size) > 0 and e.knn_temperature > 0,
+          'config.eval: batch_size, knn_batch_size and knn_temperature must be positive')
+  for name in filter(None, config.allow_config_change.split(',')):
+    node = config
+    for key in name.split('.'):
+      require(isinstance(node, ml_collections.ConfigDict) and key in node,
+              f'config.allow_config_change: {name!r} is not a field or section of the config')
+      node = node[key]
   require(config.eval.knn_k > 0, 'config.eval.knn_k must be positive')
   objectives.OBJECTIVES[config.objective].validate(config)
   optim.validate(config)

@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 from mae_jax import checkpoint
 from mae_jax import config as config_lib
-from mae_jax import distributed, sharding
+from mae_jax import distributed, preemption, sharding
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs; an existing run there is resumed.')
@@ -30,13 +30,18 @@ def innermost_message(error):
 
 
 def parse_flags(argv):
+  config_file = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), '')
   try:
     return flags.FLAGS(argv)
-  except flags.Error:
-    raise  # absl prints these as one line already
+  except flags.Error as e:  # a missing required flag, an override of the wrong type: app.run would show a traceback
+    fail(' '.join(str(e).split()))
+  except SyntaxError as e:
+    fail(f'--config={config_file} is not a Python config file ({e.msg}, line {e.lineno})')
   except (AttributeError, KeyError, TypeError, ValueError) as e:
+    if 'get_config' in str(e):
+      fail(f'--config={config_file} has no get_config() function (see configs/*.py)')
     overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
-    fail(f'a --config override does not match the config ({overrides}): {innermost_message(e)}')
+    fail(f'a --config override does not match the config ({overrides}): {" ".join(innermost_message(e).split())}')
 
 
 def main(argv):
@@ -60,6 +65,9 @@ def main(argv):
     fail(e)
   except (train.NonFiniteError, checkpoint.CheckpointError) as e:  # faults during the run, not usage errors
     fail(e, exit_code=1)
+  except preemption.Interrupted as e:  # SIGTERM or Ctrl-C: what was trained is saved
+    distributed.log(e.message)
+    sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':

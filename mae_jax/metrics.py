@@ -12,7 +12,7 @@ class Writer:
   def __init__(self, workdir, total_steps, start_step, enabled=True):
     self.enabled, self.total_steps = enabled, total_steps
     self.jsonl_path = os.path.join(workdir, 'metrics.jsonl')
-    self._tb, self._warned = None, False
+    self._tb, self._warned = None, set()
     if enabled:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
@@ -26,17 +26,27 @@ class Writer:
       with open(self.jsonl_path, 'a') as f:
         f.write(json.dumps({'step': step, **values}) + '\n')
     except OSError as e:  # a full disk must not kill the run here: checkpoints report their own failures
-      if not self._warned:
-        print(f'WARNING: could not append to {self.jsonl_path}: {e}', flush=True)
-        self._warned = True
-    for name, value in values.items():
-      self._tb.add_scalar(name, value, step)
+      self._warn('jsonl', f'could not append to {self.jsonl_path}: {e}')
+    try:
+      for name, value in values.items():
+        self._tb.add_scalar(name, value, step)
+    except Exception as e:  # pylint: disable=broad-except  # TensorBoard is a view: never worth the run
+      self._warn('tensorboard', f'TensorBoard logging failed ({type(e).__name__}: {e}); training goes on without it')
 
   def images(self, step, name, grid):
     """`grid`: (H, W, 3) floats in [0, 1]."""
     if self.enabled:
-      self._tb.add_image(name, np.clip(grid, 0, 1), step, dataformats='HWC')
-      self._tb.flush()
+      try:
+        self._tb.add_image(name, np.clip(grid, 0, 1), step, dataformats='HWC')
+        self._tb.flush()
+      except Exception as e:  # pylint: disable=broad-except
+        self._warn('tensorboard', f'TensorBoard logging failed ({type(e).__name__}: {e}); training goes on without it')
+
+  def _warn(self, kind, message):
+    """Each kind of failure once: a broken disk or writer would otherwise repeat it every step."""
+    if kind not in self._warned:
+      self._warned.add(kind)
+      print(f'WARNING: {message}', flush=True)
 
   def progress(self, step, images_per_step, values):
     """Prints one line and returns the throughput since the previous call."""

@@ -10,8 +10,10 @@ import time
 import jax
 import jax.numpy as jnp
 import optax
+from etils import epath
 
-from mae_jax import checkpoint, data, frozen, metrics, optim, preemption, sharding, tasks
+from mae_jax import checkpoint, data, distributed, frozen, metrics, optim, preemption, sharding, tasks
+from mae_jax import workdir as workdir_lib
 from mae_jax import config as config_lib
 
 
@@ -70,16 +72,17 @@ def skip_nonfinite(train_step):
   return guarded
 
 
-def check_nonfinite(state, train_config):
-  """Raises NonFiniteError per `config.train.on_nonfinite`; returns the number of skipped steps."""
+def check_nonfinite(state, train_config, step):
+  """Raises NonFiniteError per `config.train.on_nonfinite` (`step`: the current one); returns the number of
+  skipped steps."""
   counts = jax.device_get(state['nonfinite'])
   total, consecutive, last = int(counts['total']), int(counts['consecutive']), int(counts['last_step'])
   if total and (train_config.on_nonfinite == 'stop' or consecutive >= train_config.max_consecutive_nonfinite):
     why = ('config.train.on_nonfinite=stop' if train_config.on_nonfinite == 'stop' else
            f'{consecutive} consecutive non-finite steps (config.train.max_consecutive_nonfinite)')
-    raise NonFiniteError(f'non-finite loss or gradients at step {last} ({why}); its update was not applied and '
-                         'the last checkpoint is intact. Lower the learning rate, or set '
-                         'config.train.on_nonfinite=skip to skip such steps.')
+    raise NonFiniteError(f'non-finite loss or gradients at step {last} ({why}; stopped at step {step}); its '
+                         'update was not applied and the last checkpoint is intact. Lower the learning rate, or '
+                         'set config.train.on_nonfinite=skip to skip such steps.')
   return total
 
 
@@ -259,28 +262,67 @@ def train_and_evaluate(config, workdir):
   """Runs `config.task` in `workdir`, resuming from the latest checkpoint there if any.
 
   Killed at any moment and restarted with the same command, a run ends bitwise identical to an
-  uninterrupted one: the state, the RNG and the data position all come back from the checkpoint.
+  uninterrupted one: the state, the RNG and the data position all come back from the checkpoint. The
+  workdir is locked for the run's duration (process 0 holds the lock); SIGTERM and SIGINT end it with
+  `preemption.Interrupted` after saving what was trained.
   """
+  config_lib.validate(config)
+  check_workdir(workdir)
+  with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0) as lock:
+    watch = preemption.PreemptionWatch(on_abort=lock.release)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    try:
+      return _train_and_evaluate(config, workdir, watch, ckpt)
+    finally:
+      watch.close()
+      try:
+        ckpt.close()  # however the run ends: orbax's threads must finish before the interpreter does
+      except checkpoint.CheckpointError:
+        pass  # a failed save, raised and reported by the run already
+
+
+def _warn_once(warned, kind, step, error):
+  """Logging, image grids and evaluations never stop a run: their first failure of each kind is a warning."""
+  if kind not in warned:
+    warned.add(kind)
+    print(f'WARNING: {kind} failed at step {step} ({type(error).__name__}: {str(error)[:300]}); training goes on '
+          'without it', flush=True)
+
+
+def _train_and_evaluate(config, workdir, watch, ckpt):
   trainer = Trainer(config, workdir)
   cfg, mesh, objective = config, trainer.mesh, trainer.objective
   is_chief = jax.process_index() == 0
-  ckpt = checkpoint.Checkpointer(workdir, cfg.checkpoint)
   state, start = ckpt.restore_latest(trainer.abstract_state, cfg)
   if state is None:
+    # Checked here, not in validate: a resumed run no longer needs its warm start's source.
+    config_lib.require(not cfg.init_from or epath.Path(cfg.init_from).exists(),
+                       f'config.init_from={cfg.init_from} does not exist (a workdir, or a file of '
+                       'python -m mae_jax.export import)')
     state, start = trainer.init_state(), 0
     if cfg.init_from:
       state = warm_start(state, trainer, cfg.init_from)
   elif is_chief:
     print(f'Resuming from the checkpoint at step {start} in {ckpt.path}', flush=True)
+    if ckpt.config_changes:
+      print(f'Config changes since that checkpoint: {"; ".join(ckpt.config_changes)}', flush=True)
+  if start >= trainer.total_steps:
+    distributed.log(f'Already finished at step {start} (this config trains {trainer.total_steps} steps); the '
+                    f'checkpoint is in {ckpt.path}. Raise config.train.num_steps or epochs to train further.')
+    return state
   writer = metrics.Writer(workdir, trainer.total_steps, start, enabled=is_chief)
   evaluators = trainer.task.build_evaluators(objective, trainer.loader.source, mesh)
   best = checkpoint.BestCheckpointer(workdir, trainer.task.best_metric) if trainer.task.best_metric else None
+  warned = set()
 
   def evaluate(step, due=lambda evaluator: True):
     results = {}
-    for evaluator in evaluators.values():
+    for name, evaluator in evaluators.items():
       if due(evaluator):
-        results.update(evaluator(trainer.with_frozen(state)))
+        try:
+          results.update(evaluator(trainer.with_frozen(state)))
+        except Exception as e:  # pylint: disable=broad-except
+          _warn_once(warned, f'the {name} evaluation', step, e)
     if results:
       writer.scalars(step, results)
       if is_chief:
@@ -288,6 +330,12 @@ def train_and_evaluate(config, workdir):
       if best and step > 0:
         best.offer(step, state, cfg, results)
     return results
+
+  def log_images(step):
+    shown = visualize(trainer.with_frozen(state), preview, jax.random.key(step))
+    if shown is not None:  # jit returns the panels' dict sorted by name: show them in the objective's order
+      columns = {name: jax.device_get(shown[name]) for name in objective.image_columns}
+      writer.images(step, 'reconstruction', metrics.image_grid(columns, cfg.data.mean, cfg.data.std))
 
   if start == 0:
     evaluate(0)
@@ -297,7 +345,7 @@ def train_and_evaluate(config, workdir):
     print(f'Training {trainer.task.title} {cfg.model.variant} on {mesh.devices.size} device(s), mesh {dict(mesh.shape)}, '
           f'steps {start}->{trainer.total_steps}, batch {cfg.train.batch_size}', flush=True)
 
-  watch = preemption.PreemptionWatch(ckpt.manager)
+  watch.start_training(ckpt.manager)
   step, t0 = start, time.time()
   try:
     for local_batch in trainer.loader.iterate(start, trainer.total_steps, cfg.data.prefetch):
@@ -309,29 +357,30 @@ def train_and_evaluate(config, workdir):
         skipped = {'data/skipped': trainer.loader.skipped} if getattr(trainer.loader, 'skipped', 0) else {}
         rate = writer.progress(step, cfg.train.batch_size, {'loss': values['loss'], 'lr': values['lr'], **skipped})
         writer.scalars(step, {'perf/images_per_sec': rate, **skipped})  # data/skipped: undecodable images replaced
-      if step % cfg.log.images_every_steps == 0 or step == trainer.total_steps:
-        shown = visualize(trainer.with_frozen(state), preview, jax.random.key(step))
-        if shown is not None:  # jit returns the panels' dict sorted by name: show them in the objective's order
-          columns = {name: jax.device_get(shown[name]) for name in objective.image_columns}
-          writer.images(step, 'reconstruction', metrics.image_grid(columns, cfg.data.mean, cfg.data.std))
+        check_nonfinite(state, cfg.train, step)  # the counters come with the metrics: stop within a log interval
       preempted = watch.reached(step)
       if preempted or ckpt.manager.should_save(step):
-        check_nonfinite(state, cfg.train)  # never checkpoint past a step that must stop the run
+        check_nonfinite(state, cfg.train, step)  # never checkpoint past a step that must stop the run
         ckpt.save(step, state, cfg, force=preempted)
       if preempted:
         ckpt.close()
-        if is_chief:
-          print(f'Preempted (SIGTERM) at step {step}: checkpoint saved in {ckpt.path}; rerun the same command to '
-                'resume.', flush=True)
-        return state
+        raise watch.interrupted(f'at step {step}: checkpoint saved in {ckpt.path}; rerun the same command to resume.')
+      if step % cfg.log.images_every_steps == 0 or step == trainer.total_steps:  # after the save: it may fail
+        try:
+          log_images(step)
+        except Exception as e:  # pylint: disable=broad-except
+          _warn_once(warned, 'the image grid', step, e)
       if step != trainer.total_steps:
         evaluate(step, lambda evaluator: evaluator.every_steps and step % evaluator.every_steps == 0)
-    skipped_steps = check_nonfinite(state, cfg.train)
+    skipped_steps = check_nonfinite(state, cfg.train, step)
     if ckpt.latest_step() != step:
       ckpt.save(step, state, cfg, force=True)
   finally:
-    watch.close()
     ckpt.close()  # waits for in-flight saves: what was saved is complete
+  where = f'at step {step}, the last: checkpoint saved in {ckpt.path}'
+  if watch.signal:  # a signal during the final save
+    raise watch.interrupted(f'{where}; the final evaluation did not run.')
+  watch.end_training(f'{where}, but the final evaluation did not finish.')
   final = evaluate(step)
   if best:
     best.close()

@@ -70,6 +70,33 @@ def _visible_dirs(path):
     return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
 
 
+def _class_files(class_dir):
+  """(paths, ignored) of one class folder's image files, in (folder, name) order. Links to folders are followed
+  only to folders inside the class not seen yet (no loops, no parent's images under this label); hidden names
+  and anything but regular files (FIFOs, sockets, devices would block or fail a decode) are ignored."""
+  root = os.path.realpath(class_dir)
+  seen, pending, linked, found, ignored = set(), [class_dir], [], [], 0
+  while pending or linked:  # real folders first, then links in name order: the same paths on every filesystem
+    if not pending:
+      linked.sort()
+    folder = pending.pop() if pending else linked.pop(0)
+    real = os.path.realpath(folder)
+    if real in seen or (real != root and not real.startswith(root + os.sep)):
+      continue
+    seen.add(real)
+    with os.scandir(folder) as entries:
+      for entry in entries:
+        if entry.name.startswith('.'):
+          ignored += not entry.is_dir()
+        elif entry.is_dir():
+          (linked if entry.is_symlink() else pending).append(entry.path)
+        elif entry.is_file() and entry.name.lower().endswith(IMG_EXTENSIONS):
+          found.append((folder, entry.name))
+        else:
+          ignored += 1
+  return [os.path.join(folder, name) for folder, name in sorted(found)], ignored
+
+
 class FolderSource:
   """`root/<split>/<class>/...` image files. Classes are the sorted class folders of `class_split` (the
   training split), so every split labels a class alike; a class folder of another split that the
@@ -95,19 +122,18 @@ class FolderSource:
     if not self.classes:
       raise DataError(f'no class folders in {self.directory}: expected {self.directory}/<class>/<image files>')
     self.num_classes = len(self.classes)
-    paths, labels, self.ignored_files = [], [], 0
+    paths, labels, self.ignored_files, empty = [], [], 0, []
     for label, name in enumerate(self.classes):
       class_dir = os.path.join(self.directory, name)
-      if not os.path.isdir(class_dir):
-        continue
-      for folder, subdirs, files in sorted(os.walk(class_dir, followlinks=True)):
-        subdirs[:] = [d for d in subdirs if not d.startswith('.')]
-        for file in sorted(files):
-          if file.lower().endswith(IMG_EXTENSIONS) and not file.startswith('.'):
-            paths.append(os.path.relpath(os.path.join(folder, file), self.directory))
-            labels.append(label)
-          else:
-            self.ignored_files += 1
+      files, ignored = _class_files(class_dir) if os.path.isdir(class_dir) else ([], 0)
+      paths += [os.path.relpath(path, self.directory) for path in files]
+      labels += [label] * len(files)
+      self.ignored_files += ignored
+      if not files and os.path.isdir(class_dir):
+        empty.append(name)
+    if empty and paths:  # a label no example has: a typo'd folder or a failed copy, mostly
+      print(f'WARNING: {len(empty)} class folder(s) of {self.directory} hold no image files: {empty[:10]}'
+            f'{" ..." if len(empty) > 10 else ""}; their labels are kept', flush=True)
     if not paths:
       raise DataError(f'no image files ({", ".join(IMG_EXTENSIONS)}) under {self.directory}/<class>/')
     # Fixed-width bytes: ~40 B per ImageNet path instead of ~110 B for a Python str (1.28M paths: 50 MB).

@@ -17,13 +17,16 @@ timm-vit-avg (global average pooling, `fc_norm`). Any key the conversion would l
 partial files load with --allow_missing=GLOBS (e.g. 'decoder*,mask_token' for the encoder-only releases)
 and unwanted keys are skipped with --ignore=GLOBS (e.g. 'head.*').
 """
+import os
 import sys
 
+import safetensors
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from mae_jax import checkpoint
 from mae_jax.export import engine, tables, torch_export, torch_import
 
 flags.DEFINE_enum('format', 'mae-official', sorted(tables.FORMATS), 'PyTorch layout.')
@@ -39,6 +42,30 @@ config_flags.DEFINE_config_file('config', None, 'import: config file of the mode
 FLAGS = flags.FLAGS
 
 
+def fail(message, exit_code):
+  print(f'mae_jax.export: error: {message}', file=sys.stderr)
+  sys.exit(exit_code)
+
+
+def check_arguments(verb):
+  """What can be checked before any file is read; a usage error (exit 2) each."""
+  extensions = torch_export.SUFFIXES if verb == 'export' else ('.msgpack',)
+  if not FLAGS.out.endswith(tuple(extensions)):
+    fail(f'--out={FLAGS.out} must end in {" or ".join(extensions)}', 2)
+  if verb == 'import':
+    if not os.path.isfile(FLAGS['in'].value):
+      fail(f'--in={FLAGS["in"].value} is not a file', 2)
+    return
+  if not os.path.isdir(FLAGS.workdir):
+    fail(f'--workdir={FLAGS.workdir} does not exist', 2)
+  folder = checkpoint.directory(FLAGS.workdir)
+  steps = sorted(int(name) for name in os.listdir(folder) if name.isdigit()) if os.path.isdir(folder) else []
+  if not steps:
+    fail(f'--workdir={FLAGS.workdir} holds no checkpoint ({folder} is missing or empty)', 2)
+  if FLAGS.step is not None and FLAGS.step not in steps:
+    fail(f'--step={FLAGS.step}: no such checkpoint in {folder} (steps: {steps})', 2)
+
+
 def main(argv):
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every read at INFO
@@ -48,12 +75,14 @@ def main(argv):
   if verb == 'export':
     if not FLAGS.workdir:
       raise app.UsageError('export needs --workdir')
+    check_arguments(verb)
     state_dict = torch_export.export_checkpoint(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step,
                                                 FLAGS.img_size or None, FLAGS.num_classes)
     print(f'wrote {len(state_dict)} tensors in format {FLAGS.format} to {FLAGS.out}')
   else:
     if not FLAGS['in'].value or FLAGS.config is None:
       raise app.UsageError('import needs --in and --config')
+    check_arguments(verb)
     params = torch_import.import_file(FLAGS['in'].value, FLAGS.out, FLAGS.config, FLAGS.format,
                                       FLAGS.allow_missing, FLAGS.ignore)
     print(f'wrote {sorted(params)} params to {FLAGS.out}')
@@ -62,8 +91,11 @@ def main(argv):
 def run(argv):
   try:
     main(argv)
-  except (engine.ConversionError, torch_import.UnsafeFileError) as e:
-    sys.exit(f'error: {e}')
+  except (engine.ConversionError, torch_import.UnsafeFileError, checkpoint.CheckpointError) as e:
+    fail(e, 1)
+  except (OSError, ValueError, safetensors.SafetensorError) as e:  # a file that is not what it should be
+    reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ''
+    fail(f'{type(e).__name__}: {reason}', 1)
 
 
 if __name__ == '__main__':
