@@ -1,20 +1,39 @@
-"""Shared test helpers: Python subprocesses with their own number of simulated CPU devices.
+"""Shared test helpers, the one way for every test file to load configs and run the command line.
 
-JAX fixes its device count when its backend starts, so tests that need 8 (or 2 x 4) devices run their
-code in a subprocess whose XLA_FLAGS are set before JAX is imported; the pytest process itself keeps
-whatever devices it has.
+Plain functions and constants, imported by the test files (pytest puts tests/ on sys.path; so does running a
+test file as a script): `from conftest import QUICK, load_config, run_main`.
+
+  load_config(name)                      configs/<name>.py's get_config()
+  run_cli(module, *args)                 `python -m mae_jax.<module> *args`, as a user runs it (run_main: main)
+  start_main(*args)                      the same for mae_jax.main, started (a Popen, for killing it midway)
+  run_python(args) / run_worker(script)  any Python subprocess / a test module's `__main__` part
+  cpu_env(num_devices)                   the environment of those subprocesses
+
+Every subprocess runs on the CPU in the repository root, importing this checkout. JAX fixes its device count
+when its backend starts, so tests that need 8 (or 2 x 4) devices run their code in a subprocess whose
+XLA_FLAGS are set before JAX is imported; the pytest process itself keeps whatever devices it has. The
+session and its subprocesses share one XLA compilation cache, new for each session (JAX_COMPILATION_CACHE_DIR,
+unless it is set already).
+
+Markers: `multidevice` (several simulated devices, in a subprocess) and `slow` (long end-to-end runs);
+`python -m pytest -m "not slow" tests` is the quick tier, every capability still run end to end once.
 """
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 CONFIGS = os.path.join(REPO, 'configs')
+# A fast tiny run of the CPU demo's config: no kNN, frequent logs and checkpoints, no images.
+QUICK = ['--config=configs/mae_tiny_cpu.py', '--config.data.eval_split=', '--config.log.every_steps=5',
+         '--config.checkpoint.every_steps=5', '--config.log.images_every_steps=1000']
 
 
 def load_config(name):
@@ -27,7 +46,7 @@ def load_config(name):
 
 @pytest.fixture(name='load_config', scope='session')
 def load_config_fixture():
-  """`load_config(name)`: the config of configs/<name>.py."""
+  """`load_config(name)` as a fixture, for tests written against it; new tests import the function."""
   return load_config
 
 
@@ -45,7 +64,9 @@ def cpu_env(num_devices=None, **extra):
 
 
 def run_python(args, num_devices=None, timeout=300, env=None, check=True):
-  """Runs `python *args` in the repository root; fails the test with its output if it fails or times out."""
+  """Runs `python *args` in the repository root and returns the CompletedProcess (stdout, stderr: text).
+  Fails the test with the output if it times out, or, with `check`, if it exits non-zero."""
+  args = [str(a) for a in args]
   try:
     result = subprocess.run([sys.executable, *args], cwd=REPO, env=env or cpu_env(num_devices), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
@@ -56,6 +77,37 @@ def run_python(args, num_devices=None, timeout=300, env=None, check=True):
   return result
 
 
+def run_cli(module, *args, num_devices=None, env=None, timeout=900, check=False):
+  """`python -m mae_jax.<module> *args`, as a user runs it, on `num_devices` simulated CPU devices (default:
+  one) with the variables of `env` added (XLA_FLAGS there replaces the device count). Returns the
+  CompletedProcess whatever its exit status (`check=True`: fails the test on a non-zero one)."""
+  return run_python(['-m', f'mae_jax.{module}', *args], timeout=timeout, env=cpu_env(num_devices, **(env or {})),
+                    check=check)
+
+
+def run_main(*args, **kwargs):
+  """`python -m mae_jax.main *args`: see `run_cli`."""
+  return run_cli('main', *args, **kwargs)
+
+
+def start_main(*args, num_devices=None, env=None):
+  """`python -u -m mae_jax.main *args` started in the background: a Popen whose stdout (stderr merged in) is
+  a text pipe, read line by line while it runs."""
+  return subprocess.Popen([sys.executable, '-u', '-m', 'mae_jax.main', *map(str, args)], cwd=REPO,
+                          env=cpu_env(num_devices, **(env or {})), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.fixture(scope='session')
+def demo_run(tmp_path_factory):
+  """The README's main command (the MAE CPU demo), run to completion once per session: (workdir, stdout).
+  Its tests (test_main.py) and the downstream demos that start from it (test_finetune.py) share it."""
+  workdir = str(tmp_path_factory.mktemp('demo') / 'mae_tiny')
+  result = run_main('--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result.stdout
+
+
 def last_json(stdout):
   """The last line of `stdout` that is a JSON object (how worker subprocesses report)."""
   for line in reversed(stdout.splitlines()):
@@ -64,26 +116,29 @@ def last_json(stdout):
   raise AssertionError(f'no JSON line in the output:\n{stdout[-4000:]}')
 
 
-@pytest.fixture(scope='session')
-def subprocess_python():
-  """`run_python(args, num_devices=None, timeout=300, env=None, check=True)` as a fixture."""
-  return run_python
+def run_worker(script, *args, num_devices=8, timeout=300):
+  """Runs a test module as a script (its `__main__` part) on `num_devices` simulated CPU devices and returns
+  the JSON object it printed last."""
+  return last_json(run_python([script, *args], num_devices, timeout).stdout)
 
 
-@pytest.fixture(scope='session')
-def run_worker():
-  """`run_worker(script, *args, num_devices=8, timeout=300)`: runs a test module as a script (its
-  `__main__` part) on `num_devices` simulated CPU devices and returns the JSON object it printed last."""
-  def run(script, *args, num_devices=8, timeout=300):
-    return last_json(run_python([script, *map(str, args)], num_devices, timeout).stdout)
-  return run
-
-
-@pytest.fixture(name='cpu_env', scope='session')
-def cpu_env_fixture():
-  """`cpu_env(num_devices=None, **extra)`: environment for a CPU subprocess (for Popen)."""
-  return cpu_env
+_COMPILATION_CACHE = None
 
 
 def pytest_configure(config):
+  global _COMPILATION_CACHE
   config.addinivalue_line('markers', 'multidevice: runs code on several simulated CPU devices in a subprocess')
+  config.addinivalue_line('markers', 'slow: a long end-to-end run, left out of the quick tier '
+                          '(python -m pytest -m "not slow" tests); CI runs every test')
+  # One XLA compilation cache for the session, empty at its start and shared with every subprocess (they
+  # inherit the variable): a program compiled again (the tiny config's step, by every CLI run) is read back.
+  if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    _COMPILATION_CACHE = tempfile.mkdtemp(prefix='mae_jax_tests_xla_cache_')
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = _COMPILATION_CACHE
+    if 'jax' in sys.modules:  # imported already (by a plugin): it read the variable at import
+      sys.modules['jax'].config.update('jax_compilation_cache_dir', _COMPILATION_CACHE)
+
+
+def pytest_unconfigure(config):
+  if _COMPILATION_CACHE:
+    shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)

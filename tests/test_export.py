@@ -1,17 +1,14 @@
 """PyTorch interop: exports load strictly into timm / HF transformers and give the JAX model's numbers;
 files round-trip bitwise; unsafe pickles are refused; nothing is dropped silently."""
 import functools
-import importlib.util
-import pathlib
 import re
-import subprocess
-import sys
 
 import flax
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from conftest import load_config, run_cli
 
 torch = pytest.importorskip('torch')
 timm = pytest.importorskip('timm')
@@ -24,12 +21,12 @@ from mae_jax.export import tables
 from mae_jax.models.patchify import patchify
 from mae_jax.objectives.mae import reconstruction_loss
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZES = {  # variant, img_size, decoder (width, depth, heads)
     'tiny': ('pico/4', 32, (32, 1, 2)),
     'B/16': ('B/16', 224, (512, 8, 16)),
 }
 TORCH_FORMATS = ('mae-official', 'timm-vit', 'timm-vit-avg')
+SIZE_PARAMS = [pytest.param(s, marks=[pytest.mark.slow] if s == 'B/16' else []) for s in SIZES]  # B/16: slow
 
 
 @pytest.fixture(autouse=True)
@@ -178,7 +175,7 @@ def jax_outputs(objective, params, images, noise):
 
 
 # 1. timm ViT.
-@pytest.mark.parametrize('size', list(SIZES))
+@pytest.mark.parametrize('size', SIZE_PARAMS)
 @pytest.mark.parametrize('pool', ['token', 'avg'])
 def test_timm_vit_matches_jax_encoder(size, pool):
   config, objective, params = model_and_params(size)
@@ -211,7 +208,7 @@ def test_timm_head_and_resolution():
 
 # 2. HF transformers ViTMAEForPreTraining from the official layout.
 @pytest.mark.parametrize('norm_pix_loss', [True, False])
-@pytest.mark.parametrize('size', list(SIZES))
+@pytest.mark.parametrize('size', SIZE_PARAMS)
 def test_mae_official_matches_hf_vitmae(size, norm_pix_loss):
   config, objective, params = model_and_params(size, norm_pix_loss)
   model = hf_vitmae(config)
@@ -244,6 +241,7 @@ def test_round_trip_is_bitwise(tmp_path, fmt, suffix):
     assert flat[path_].dtype == value.dtype and flat[path_].tobytes() == value.tobytes(), path_
 
 
+@pytest.mark.slow
 def test_round_trip_vit_b_is_bitwise(tmp_path):
   config, _, params = model_and_params('B/16')
   path = tmp_path / 'mae_b16.safetensors'
@@ -255,17 +253,13 @@ def test_round_trip_vit_b_is_bitwise(tmp_path):
 # The command line, both verbs, in fresh processes, on a real orbax checkpoint of the CPU demo's model.
 def test_cli(tmp_path):
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  config_file = REPO / 'configs' / 'mae_tiny_cpu.py'
-  spec = importlib.util.spec_from_file_location('mae_tiny_cpu', config_file)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config_file = 'configs/mae_tiny_cpu.py'
+  config = load_config('mae_tiny_cpu')
   params = random_params(objectives.create(config), seed=1)
   saver = checkpoint.Checkpointer(str(tmp_path / 'run'), config.checkpoint)
   saver.save(7, {'params': params, 'step': 7}, config, force=True)
   saver.close()
-  run = lambda *args: subprocess.run([sys.executable, '-m', 'mae_jax.export', *args], cwd=REPO, check=True,
-                                     capture_output=True, text=True).stdout
+  run = lambda *args: run_cli('export', *args, check=True).stdout
   assert 'wrote 86 tensors' in run(f'--workdir={tmp_path}/run', '--format=mae-official', f'--out={tmp_path}/m.pth')
   run('import', '--format=mae-official', f'--in={tmp_path}/m.pth', f'--config={config_file}',
       f'--out={tmp_path}/back.msgpack')

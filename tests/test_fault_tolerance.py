@@ -5,14 +5,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 
 import jax
 import numpy as np
 import pytest
-from cli import QUICK, ROOT, run_main, start_main
+from conftest import QUICK, run_main, run_python, start_main
 
 from mae_jax import checkpoint
 
@@ -52,6 +51,7 @@ def wait_for_line(process, text, timeout=120):
   raise AssertionError(f'{text!r} never printed:\n' + ''.join(lines[-30:]))
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(uninterrupted, tmp_path):
   workdir = str(tmp_path / 'run')
   moments = random.Random(0)
@@ -66,6 +66,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(uninterrupte
   assert_bitwise_equal(final_params(workdir), final_params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / 'run')
   process = start_main(*QUICK, '--config.train.num_steps=100000', f'--workdir={workdir}')
@@ -83,6 +84,7 @@ def _options():
   return base_config().checkpoint
 
 
+@pytest.mark.slow
 def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(uninterrupted, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted, workdir)
@@ -100,6 +102,7 @@ def test_a_truncated_checkpoint_is_skipped_for_the_previous_one(uninterrupted, t
   assert_bitwise_equal(final_params(workdir), final_params(uninterrupted))
 
 
+@pytest.mark.slow
 def test_a_save_killed_midway_leaves_no_checkpoint_behind(uninterrupted, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted, workdir)
@@ -130,10 +133,10 @@ INJECT_NAN = textwrap.dedent('''
 
 
 def run_with_nan(*args):
-  return subprocess.run([sys.executable, '-c', INJECT_NAN, *QUICK, *args], cwd=ROOT, capture_output=True,
-                        text=True, timeout=600)
+  return run_python(['-c', INJECT_NAN, *QUICK, *args], timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_a_nan_batch_is_skipped_and_counted(tmp_path):
   result = run_with_nan('--config.train.num_steps=20', '--config.train.on_nonfinite=skip', f'--workdir={tmp_path}/w')
   assert result.returncode == 0, result.stderr[-3000:]
@@ -152,6 +155,7 @@ def test_a_nan_batch_stops_the_run_naming_the_step(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_resuming_a_checkpoint_of_another_model_is_refused(uninterrupted, tmp_path):
   workdir = str(tmp_path / 'run')
   shutil.copytree(uninterrupted, workdir)
@@ -160,6 +164,7 @@ def test_resuming_a_checkpoint_of_another_model_is_refused(uninterrupted, tmp_pa
   assert "config.model.decoder is {'depth': 2, 'num_heads': 4, 'width': 64} in the checkpoint" in result.stderr
 
 
+@pytest.mark.slow
 def test_init_from_warm_starts_the_matching_params(uninterrupted, tmp_path):
   result = run_main(*QUICK, '--config.train.num_steps=5', f'--workdir={tmp_path}/w', '--config.model.decoder.width=32',
                     f'--config.init_from={uninterrupted}')
@@ -169,14 +174,14 @@ def test_init_from_warm_starts_the_matching_params(uninterrupted, tmp_path):
   assert 'decoder' in result.stdout.split('kept the initialisation of')[1]
 
 
+@pytest.mark.slow
 def test_restore_onto_another_mesh(tmp_path):
   workdir = str(tmp_path / 'run')
-  eight = {'XLA_FLAGS': '--xla_force_host_platform_device_count=8'}
-  four = {'XLA_FLAGS': '--xla_force_host_platform_device_count=4'}
   first = run_main(*QUICK, '--config.train.num_steps=10', '--config.mesh.data=1', '--config.mesh.fsdp=8',
-                   '--config.mesh.fsdp_min_size_mb=0', f'--workdir={workdir}', env=eight)
+                   '--config.mesh.fsdp_min_size_mb=0', f'--workdir={workdir}', num_devices=8)
   assert first.returncode == 0, first.stderr[-3000:]
-  second = run_main(*QUICK, '--config.train.num_steps=20', '--config.mesh.data=4', f'--workdir={workdir}', env=four)
+  second = run_main(*QUICK, '--config.train.num_steps=20', '--config.mesh.data=4', f'--workdir={workdir}',
+                    num_devices=4)
   assert second.returncode == 0, second.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 10' in second.stdout
   third = run_main(*QUICK, '--config.train.num_steps=25', f'--workdir={workdir}')
@@ -194,6 +199,7 @@ def small_disk(tmp_path):
   subprocess.run(['umount', '-l', str(mount_point)])
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_a_message_and_keeps_the_previous_checkpoints(small_disk):
   workdir = os.path.join(small_disk, 'run')
   result = run_main(*QUICK, '--config.train.num_steps=40', '--config.checkpoint.keep=10', f'--workdir={workdir}')

@@ -1,15 +1,14 @@
 """GAN-MAE: the discriminator's input, the shared encoder, gradient routing of both update schemes, the
 adaptive weight, the update-phase seam of the train step, configs, and a short real training run."""
 import functools
-import importlib.util
 import math
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import load_config
 
 from mae_jax import config as config_lib
 from mae_jax import objectives, optim, sharding, train
@@ -17,7 +16,6 @@ from mae_jax.models.patchify import patchify
 from mae_jax.objectives.base import PhaseTrainable
 from mae_jax.objectives.gan_mae import GANMAE, adversarial_loss
 
-CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
 sg = jax.lax.stop_gradient
 
 
@@ -25,13 +23,6 @@ sg = jax.lax.stop_gradient
 def _fp32_matmuls():
   with jax.default_matmul_precision('highest'):
     yield
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def tiny_config(**gan_mae):
@@ -208,6 +199,7 @@ def test_alternating_declares_two_phases_whose_optimizers_move_only_their_groups
     tx.update(ones, state, params, phase='critic')
 
 
+@pytest.mark.slow
 def test_alternating_step_is_a_generator_update_then_a_discriminator_update():
   objective, params, batch = setup()
   # Plain gradient descent per phase (AdamW's first step is sign(g), which amplifies rounding noise), with
@@ -251,6 +243,7 @@ def test_alternating_step_is_a_generator_update_then_a_discriminator_update():
                              rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('update_scheme', ['alternating', 'joint'])
 def test_grad_accumulation_gives_the_same_step_with_phases(update_scheme):
   objective, params, batch = setup(update_scheme=update_scheme, adv_weight_mode='constant')

@@ -1,23 +1,14 @@
-"""MAE configs, objective and one real ViT-B train step."""
-import importlib.util
+"""MAE configs, objective and one real ViT-B train step, checked against AdamW by hand."""
 import math
-import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import load_config
 
 from mae_jax import config as config_lib
 from mae_jax import objectives, optim, sharding, train
-
-CONFIGS = os.path.join(os.path.dirname(__file__), '..', 'configs')
-
-
-def load_config(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(CONFIGS, f'{name}.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
 
 
 def param_count(tree):
@@ -53,21 +44,70 @@ def test_vitb_shapes_match_the_reference_state_dict():
   assert 'blocks_12' not in enc and 'decoder_blocks_8' not in dec
 
 
-def test_vitb_runs_one_real_train_step_at_batch_2():
+def with_counts(opt_state, count):
+  """`opt_state` with every optimizer step counter (Adam's, the schedule's) set to `count`."""
+  def replace(path, leaf):
+    named = getattr(path[-1], 'name', None) if path else None
+    return jnp.full_like(leaf, count) if named == 'count' else leaf
+  return jax.tree_util.tree_map_with_path(replace, opt_state)
+
+
+@pytest.mark.slow
+def test_vitb_train_step_past_warm_up_moves_every_param_as_adamw_says():
   config = load_config('mae_vitb')
-  config.train.update(batch_size=2, num_steps=1)
+  # 4 steps: the warm-up is min(40 epochs, half the run) = 2 steps. A big lr, so that the decay term
+  # (wd * lr * p) is far above float32 rounding of the params.
+  config.train.update(batch_size=2, num_steps=4, blr=0.64)
   config.data.update(source='embedded', name='digits', eval_split='test')  # offline stand-in for ImageNet
   trainer = train.Trainer(config, devices=jax.devices()[:1])
+  t, step = config.train, 3
+  peak = t.blr * t.batch_size / 256
+  lr = float(trainer.schedule(step))  # half way down the cosine of steps 2..4
+  np.testing.assert_allclose(lr, t.min_lr + (peak - t.min_lr) * 0.5, rtol=1e-6)
+  # The state of a run resumed at step 3 whose moments are still zero: every step counter says 3.
   state = trainer.init_state()
-  before = np.asarray(state['params']['encoder']['blocks_0']['attn']['qkv']['kernel'])
-  batch = sharding.global_batch(trainer.loader.local_batch(0), trainer.mesh)
+  state = {**state, 'step': jnp.full_like(state['step'], step), 'opt_state': with_counts(state['opt_state'], step)}
+  batch = sharding.global_batch(trainer.loader.local_batch(step), trainer.mesh)
   assert batch['image'].shape == (2, 224, 224, 3)
+
+  # The step's gradient, with the step's random draws (train.make_train_step: the key of the step, then
+  # one key per example, then the task's batch hook).
+  rng = jax.random.fold_in(jax.random.wrap_key_data(state['rng']), step)
+  example_rng, rng = jax.random.split(rng)
+  keyed = trainer.task.batch_hook(train.with_example_keys(batch, example_rng), jax.random.fold_in(example_rng, 1))
+  phase = trainer.objective.update_phases()[0]
+  (loss, _), grads = jax.jit(train.phase_grad_fn(trainer.objective, phase))(state['params'], {}, {}, keyed, rng)
+  before, grads = jax.device_get((state['params'], grads))
+  before = jax.tree.map(np.array, before)  # copies: the step donates the state's buffers
+
   state, metrics = trainer.train_step(state, batch)
-  assert np.isfinite(float(metrics['loss'])) and 0.1 < float(metrics['loss']) < 10
-  assert int(state['step']) == 1
-  # The first step is at lr 0 (warm-up starts at zero, as in the reference), so check the grad norm instead.
-  assert float(metrics['lr']) == 0.0 and float(metrics['grad_norm']) > 0
-  np.testing.assert_array_equal(np.asarray(state['params']['encoder']['blocks_0']['attn']['qkv']['kernel']), before)
+  assert int(state['step']) == step + 1
+  np.testing.assert_allclose(float(metrics['loss']), float(loss), rtol=1e-5)  # the same masks
+  assert 0.1 < float(metrics['loss']) < 10 and float(metrics['grad_norm']) > 0
+  np.testing.assert_allclose(float(metrics['lr']), lr, rtol=1e-6)
+
+  # AdamW (torch.optim.AdamW, optax.adamw) from zero moments at its 4th step: m = (1 - b1) g,
+  # v = (1 - b2) g^2, bias-corrected by 1 - b^4; weight decay on every param with ndim > 1 (the
+  # reference's rule: not on biases and norms, but on the cls and mask tokens).
+  after, n = jax.device_get(state['params']), step + 1
+  decayed = []
+  def check(path, p, g, new):
+    p, g = p.astype(np.float64), g.astype(np.float64)
+    m_hat = (1 - t.b1) * g / (1 - t.b1**n)
+    v_hat = (1 - t.b2) * g**2 / (1 - t.b2**n)
+    decay = t.weight_decay if p.ndim > 1 else 0.0
+    expected = -lr * (m_hat / (np.sqrt(v_hat) + config.optim.eps) + decay * p)
+    name = jax.tree_util.keystr(path, simple=True, separator='/')
+    moved = np.asarray(new, np.float64) - p
+    # rtol 1e-5, plus the rounding of the float32 sum p + update (at most half a spacing of the new value).
+    off = np.abs(moved - expected) > 1e-5 * np.abs(expected) + np.spacing(np.abs(new)) + 1e-9
+    assert not off.any(), (f'{name}: {off.sum()} of {off.size} moved otherwise, e.g. {moved[off][:3]} instead '
+                           f'of {expected[off][:3]}')
+    if decay:
+      decayed.append(name)
+  jax.tree_util.tree_map_with_path(check, before, grads, after)
+  assert {'encoder/blocks_0/attn/qkv/kernel', 'encoder/cls_token', 'decoder/mask_token'} <= set(decayed)
+  assert 'encoder/blocks_0/attn/qkv/bias' not in decayed and 'encoder/norm/scale' not in decayed
 
 
 def test_loss_is_the_mean_over_masked_patches():

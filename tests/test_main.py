@@ -1,12 +1,16 @@
-"""The command line end to end: the README's demo run, resume, and one clear message per user mistake."""
+"""The command line end to end: a short run, the README's demo run, resume, and one clear message per user
+mistake."""
 import glob
+import io
 import json
 import os
 import re
 import struct
 
+import numpy as np
 import pytest
-from cli import run_main
+from conftest import QUICK, load_config, run_main
+from PIL import Image
 from tensorboardX.proto import event_pb2
 
 
@@ -24,15 +28,59 @@ def tensorboard_events(logdir):
   return events
 
 
-@pytest.fixture(scope='module')
-def demo_run(tmp_path_factory):
-  """The README's main command, run to completion once for the tests below."""
-  workdir = str(tmp_path_factory.mktemp('demo') / 'mae_tiny')
-  result = run_main('--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}')
+def last_grid(workdir):
+  """The last 'reconstruction' image written to TensorBoard, decoded: (H, W, 3) uint8."""
+  images = [v.image for e in tensorboard_events(os.path.join(workdir, 'tensorboard')) for v in e.summary.value
+            if v.tag == 'reconstruction']
+  assert images and images[-1].encoded_image_string[:4] == b'\x89PNG'
+  return np.asarray(Image.open(io.BytesIO(images[-1].encoded_image_string)))
+
+
+def assert_grid_is_original_masked_reconstruction(grid):
+  """The PNG grid (metrics.image_grid): one row per preview image, three columns, original | masked |
+  reconstruction, each cell the image with 2 pixels of padding."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from mae_jax import train  # pylint: disable=g-import-not-at-top
+  from mae_jax.models import vit  # pylint: disable=g-import-not-at-top
+  config = load_config('mae_tiny_cpu')
+  size, patch, pad = config.data.img_size, vit.parse_variant(config.model.variant)['patch_size'], 2
+  cell = size + 2 * pad
+  assert grid.shape == (config.log.num_images * cell, 3 * cell, 3) and grid.dtype == np.uint8, grid.shape
+  cells = grid.reshape(config.log.num_images, cell, 3, cell, 3)[:, pad:pad + size, :, pad:pad + size]
+  original, masked, reconstruction = (cells[:, :, i].astype(int) for i in range(3))
+  # The preview is the first training batch; in the grid, normalised images * std + mean, as 8 bits.
+  loader = train.Trainer(config, devices=jax.devices()[:1]).loader
+  preview = next(loader.iterate(0, 1, prefetch=0))['image'][:config.log.num_images]
+  shown = np.clip(preview * np.asarray(config.data.std) + np.asarray(config.data.mean), 0, 1) * 255
+  np.testing.assert_allclose(original, shown, atol=2)
+  # Masked patches are zeros, the normalised mean colour: 48 of the 64 patches of every masked image, and
+  # none of the originals' pixels (the digits are grey). The visible ones, and the reconstruction's, are the
+  # original's.
+  mean_colour = (np.asarray(config.data.mean) * 255).astype(np.uint8)
+  per_patch = lambda images: images.reshape(len(images), size // patch, patch, size // patch, patch, 3)
+  is_mean = lambda images: np.all(per_patch(images) == mean_colour, axis=(2, 4, 5))
+  hidden = is_mean(masked)
+  num_patches = (size // patch)**2
+  num_masked = num_patches - int(num_patches * (1 - config.mae.mask_ratio))
+  assert hidden.sum(axis=(1, 2)).tolist() == [num_masked] * len(masked), hidden.sum(axis=(1, 2))
+  assert not np.any(np.all(original == mean_colour, axis=-1))
+  visible = ~hidden[:, :, None, :, None, None]
+  assert np.all(np.where(visible, np.abs(per_patch(masked) - per_patch(original)), 0) <= 1)
+  assert np.all(np.where(visible, np.abs(per_patch(reconstruction) - per_patch(original)), 0) <= 1)
+
+
+def test_a_short_run_checkpoints_and_shows_original_masked_reconstruction(tmp_path):
+  workdir = str(tmp_path / 'run')
+  result = run_main(*QUICK, '--config.train.num_steps=5', f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result.stdout
+  assert 'Done: 5 steps' in result.stdout
+  assert max(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit()) == 5
+  records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
+  assert [r['step'] for r in records if 'loss' in r] == [5]
+  assert_grid_is_original_masked_reconstruction(last_grid(workdir))  # the images of the last step
 
 
+@pytest.mark.slow
 def test_demo_loss_falls_and_knn_beats_random_init(demo_run):
   workdir, stdout = demo_run
   records = [json.loads(line) for line in open(os.path.join(workdir, 'metrics.jsonl'))]
@@ -44,6 +92,7 @@ def test_demo_loss_falls_and_knn_beats_random_init(demo_run):
   assert trained > random_init + 0.03
 
 
+@pytest.mark.slow
 def test_demo_writes_an_orbax_checkpoint_and_tensorboard_images(demo_run):
   workdir, stdout = demo_run
   steps = sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints')) if d.isdigit())
@@ -51,19 +100,19 @@ def test_demo_writes_an_orbax_checkpoint_and_tensorboard_images(demo_run):
   events = tensorboard_events(os.path.join(workdir, 'tensorboard'))
   tags = {v.tag for e in events for v in e.summary.value}
   assert {'loss', 'lr', 'knn/top1', 'perf/images_per_sec', 'reconstruction'} <= tags
-  images = [v.image for e in events for v in e.summary.value if v.tag == 'reconstruction']
-  # A PNG grid: one row per sample, three columns (original | masked | reconstruction).
-  assert images and images[-1].encoded_image_string[:4] == b'\x89PNG' and images[-1].width > 2 * images[-1].height / 8
+  assert_grid_is_original_masked_reconstruction(last_grid(workdir))
 
 
+@pytest.mark.slow
 def test_running_the_same_command_again_resumes(demo_run):
   workdir, _ = demo_run
   result = run_main('--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}')
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Resuming from the checkpoint at step 460' in result.stdout
-  assert 'Done: 0 steps' in result.stdout
+  assert 'Already finished at step 460' in result.stdout
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_continues_where_it_stopped(tmp_path):
   workdir = str(tmp_path / 'run')
   common = ['--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}', '--config.data.eval_split=',

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import cpu_env, run_worker
 
 from mae_jax import distributed
 
@@ -64,8 +65,9 @@ def read_losses(workdir):
   return [(r['step'], r['loss']) for r in rows if 'loss' in r]
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
-def test_two_processes_train_and_checkpoint_like_one(tmp_path, cpu_env, run_worker):
+def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   port = free_port()
   multi, single = tmp_path / 'two_processes', tmp_path / 'one_process'
   logs = [tmp_path / f'process_{i}.log' for i in range(2)] + [tmp_path / 'reference.log']

@@ -1,6 +1,5 @@
 """The structure the objectives and tasks plug into: old checkpoints restore, frozen networks stay out of
 the train state, mutable collections are part of it, and an objective's config section lives next to it."""
-import math
 import os
 import shutil
 
@@ -8,7 +7,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import mimic_objective
-import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -39,7 +37,7 @@ def run_steps(trainer, state, start, steps):
   return state, metrics
 
 
-@pytest.mark.parametrize('name', ['mae', 'gan_mae'])
+@pytest.mark.parametrize('name', ['mae', pytest.param('gan_mae', marks=pytest.mark.slow)])
 def test_a_checkpoint_written_before_the_structure_change_restores_and_matches_a_fresh_run(tmp_path, load_config,
                                                                                            name):
   workdir = tmp_path / name
@@ -88,6 +86,7 @@ def directory_bytes(path):
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
 
+@pytest.mark.slow
 def test_a_frozen_network_stays_out_of_the_state_and_gives_the_steps_of_a_zero_lr_copy(tmp_path, mimic):
   frozen_config, in_state_config, teacher = mimic
   a = train.Trainer(frozen_config, devices=jax.devices()[:1])
@@ -199,6 +198,7 @@ def probe(load_config):
   objectives.OBJECTIVES.pop('probe_mae')
 
 
+@pytest.mark.slow
 def test_mutable_collections_are_in_the_state_carried_over_micro_batches_and_checkpointed(tmp_path, probe):
   probe.train.grad_accum_steps = 2
   trainer = train.Trainer(probe, str(tmp_path / 'w'), devices=jax.devices()[:1])
