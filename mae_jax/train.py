@@ -270,13 +270,16 @@ def train_and_evaluate(config, workdir):
   check_workdir(workdir)
   with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0) as lock:
     watch = preemption.PreemptionWatch(on_abort=lock.release)
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    ckpt = None
     try:
-      return _train_and_evaluate(config, workdir, watch, ckpt)
+      trainer = Trainer(config, workdir)  # a config or mesh error stops here, before anything is written
+      ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+      return _train_and_evaluate(config, workdir, watch, ckpt, trainer)
     finally:
       watch.close()
       try:
-        ckpt.close()  # however the run ends: orbax's threads must finish before the interpreter does
+        if ckpt is not None:
+          ckpt.close()  # however the run ends: orbax's threads must finish before the interpreter does
       except checkpoint.CheckpointError:
         pass  # a failed save, raised and reported by the run already
 
@@ -289,8 +292,7 @@ def _warn_once(warned, kind, step, error):
           'without it', flush=True)
 
 
-def _train_and_evaluate(config, workdir, watch, ckpt):
-  trainer = Trainer(config, workdir)
+def _train_and_evaluate(config, workdir, watch, ckpt, trainer):
   cfg, mesh, objective = config, trainer.mesh, trainer.objective
   is_chief = jax.process_index() == 0
   state, start = ckpt.restore_latest(trainer.abstract_state, cfg)
