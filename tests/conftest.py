@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 
 import pytest
 
@@ -34,6 +35,24 @@ CONFIGS = os.path.join(REPO, 'configs')
 # A fast tiny run of the CPU demo's config: no kNN, frequent logs and checkpoints, no images.
 QUICK = ['--config=configs/mae_tiny_cpu.py', '--config.data.eval_split=', '--config.log.every_steps=5',
          '--config.checkpoint.every_steps=5', '--config.log.images_every_steps=1000']
+
+# `python -c INJECT_NAN <main's args>`: the CLI with a NaN pixel in the batch of step 13 (non-finite tests).
+INJECT_NAN = textwrap.dedent('''
+    import sys
+    import numpy as np
+    from absl import app
+    from mae_jax import main
+    from mae_jax.data import loader
+
+    original = loader.TrainLoader.iterate
+    def iterate(self, start_step, end_step, prefetch=2):
+      for step, batch in enumerate(original(self, start_step, end_step, prefetch), start_step):
+        if step == 12:  # the batch of step 13 (steps count from 1)
+          batch['image'][0, 0, 0, 0] = np.nan
+        yield batch
+    loader.TrainLoader.iterate = iterate
+    app.run(main.main, argv=['main'] + sys.argv[1:], flags_parser=main.parse_flags)
+''')
 
 
 def load_config(name):

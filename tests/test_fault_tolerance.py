@@ -5,13 +5,12 @@ import random
 import shutil
 import signal
 import subprocess
-import textwrap
 import time
 
 import jax
 import numpy as np
 import pytest
-from conftest import QUICK, run_main, run_python, start_main
+from conftest import INJECT_NAN, QUICK, run_main, run_python, start_main
 
 from mae_jax import checkpoint
 
@@ -114,22 +113,6 @@ def test_a_save_killed_midway_leaves_no_checkpoint_behind(uninterrupted, tmp_pat
   assert_bitwise_equal(final_params(workdir), final_params(uninterrupted))
 
 
-INJECT_NAN = textwrap.dedent('''
-    import sys
-    import numpy as np
-    from absl import app
-    from mae_jax import main
-    from mae_jax.data import loader
-
-    original = loader.TrainLoader.iterate
-    def iterate(self, start_step, end_step, prefetch=2):
-      for step, batch in enumerate(original(self, start_step, end_step, prefetch), start_step):
-        if step == 12:  # the batch of step 13 (steps count from 1)
-          batch['image'][0, 0, 0, 0] = np.nan
-        yield batch
-    loader.TrainLoader.iterate = iterate
-    app.run(main.main, argv=['main'] + sys.argv[1:], flags_parser=main.parse_flags)
-''')
 
 
 def run_with_nan(*args):

@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import QUICK, cpu_env, run_main, run_python, start_main
+from conftest import INJECT_NAN, QUICK, cpu_env, run_main, run_python, start_main
 
 from mae_jax import checkpoint, config as config_lib, workdir as workdir_lib
 from mae_jax.config import ConfigError
@@ -82,24 +82,6 @@ def test_the_lock_is_atomic_released_and_a_dead_runs_lock_is_taken_over(tmp_path
 
 
 # --- item 4: on_nonfinite=stop stops within a log interval ------------------------------------------------------
-
-INJECT_NAN = textwrap.dedent('''
-    import sys
-    import numpy as np
-    from absl import app
-    from mae_jax import main
-    from mae_jax.data import loader
-
-    original = loader.TrainLoader.iterate
-    def iterate(self, start_step, end_step, prefetch=2):
-      for step, batch in enumerate(original(self, start_step, end_step, prefetch), start_step):
-        if step == 12:  # the batch of step 13 (steps count from 1)
-          batch['image'][0, 0, 0, 0] = np.nan
-        yield batch
-    loader.TrainLoader.iterate = iterate
-    app.run(main.main, argv=['main'] + sys.argv[1:], flags_parser=main.parse_flags)
-''')
-
 
 def test_on_nonfinite_stop_stops_at_the_next_log_step(tmp_path):
   workdir = str(tmp_path / 'w')
