@@ -273,6 +273,12 @@ def train_and_evaluate(config, workdir):
     ckpt = None
     try:
       trainer = Trainer(config, workdir)  # a config or mesh error stops here, before anything is written
+      # Checked here, not in validate: a resumed run no longer needs its warm start's source.
+      fresh = not any(name.isdigit() for name in os.listdir(checkpoint.directory(workdir))) if os.path.isdir(
+          checkpoint.directory(workdir)) else True
+      config_lib.require(not (fresh and config.init_from) or epath.Path(config.init_from).exists(),
+                         f'config.init_from={config.init_from} does not exist (a workdir, or a file of '
+                         'python -m mae_jax.export import)')
       ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
       return _train_and_evaluate(config, workdir, watch, ckpt, trainer)
     finally:
@@ -297,10 +303,6 @@ def _train_and_evaluate(config, workdir, watch, ckpt, trainer):
   is_chief = jax.process_index() == 0
   state, start = ckpt.restore_latest(trainer.abstract_state, cfg)
   if state is None:
-    # Checked here, not in validate: a resumed run no longer needs its warm start's source.
-    config_lib.require(not cfg.init_from or epath.Path(cfg.init_from).exists(),
-                       f'config.init_from={cfg.init_from} does not exist (a workdir, or a file of '
-                       'python -m mae_jax.export import)')
     state, start = trainer.init_state(), 0
     if cfg.init_from:
       state = warm_start(state, trainer, cfg.init_from)
