@@ -52,6 +52,12 @@ def directory(workdir):
   return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
+def has_checkpoint(workdir):
+  """Whether `workdir` holds a (finished or set-aside) step directory, without starting a manager."""
+  path = directory(workdir)
+  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+
+
 def _manager(path, options):
   handlers = {'state': ocp.StandardCheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(path, options=options, item_handlers=handlers)

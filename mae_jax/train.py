@@ -274,9 +274,8 @@ def train_and_evaluate(config, workdir):
     try:
       trainer = Trainer(config, workdir)  # a config or mesh error stops here, before anything is written
       # Checked here, not in validate: a resumed run no longer needs its warm start's source.
-      fresh = not any(name.isdigit() for name in os.listdir(checkpoint.directory(workdir))) if os.path.isdir(
-          checkpoint.directory(workdir)) else True
-      config_lib.require(not (fresh and config.init_from) or epath.Path(config.init_from).exists(),
+      config_lib.require(not config.init_from or checkpoint.has_checkpoint(workdir)
+                         or epath.Path(config.init_from).exists(),
                          f'config.init_from={config.init_from} does not exist (a workdir, or a file of '
                          'python -m mae_jax.export import)')
       ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
