@@ -158,6 +158,22 @@ def pytest_configure(config):
       sys.modules['jax'].config.update('jax_compilation_cache_dir', _COMPILATION_CACHE)
 
 
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (pytest.ini): one worker per core, at most 4 (each runs subprocesses of several threads)."""
+  return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def pytest_collection_modifyitems(config, items):
+  """Under xdist (`--dist loadgroup`), tests that share an expensive fixture run on one worker, so it is
+  built once: the demo run (two modules) and each module-scoped fixture."""
+  for item in items:
+    scopes = {name: defs[-1].scope for name, defs in item._fixtureinfo.name2fixturedefs.items()}
+    if 'demo_run' in scopes:
+      item.add_marker(pytest.mark.xdist_group('demo_run'))
+    elif 'module' in scopes.values():
+      item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
 def pytest_unconfigure(config):
   if _COMPILATION_CACHE:
     shutil.rmtree(_COMPILATION_CACHE, ignore_errors=True)

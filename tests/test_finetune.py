@@ -43,7 +43,8 @@ def timm_logits(model, images):
     return model(torch.from_numpy(np.asarray(images).transpose(0, 3, 1, 2).copy())).numpy()
 
 
-@pytest.mark.parametrize('pool,fmt', [('gap', 'timm-vit-avg'), ('cls', 'timm-vit'), ('gap', 'mae-finetuned')])
+@pytest.mark.parametrize('pool,fmt', [('gap', 'timm-vit-avg'), pytest.param('cls', 'timm-vit', marks=pytest.mark.slow),
+                                      ('gap', 'mae-finetuned')])
 def test_a_fine_tuned_classifier_exports_to_timm_with_the_same_logits(load_config, pool, fmt):
   config = classifier_config(load_config)
   config.finetune.pool = pool
@@ -92,6 +93,7 @@ def test_the_linear_probe_moves_only_the_head_and_keeps_batchnorm_statistics(loa
   assert float(metrics['grad_norm']) > 0  # the head's gradients only: the encoder's are not counted
 
 
+@pytest.mark.slow
 def test_warm_starting_from_a_checkpoint_without_a_fitting_encoder_is_one_clear_error(tmp_path, load_config):
   pretrain = load_config('mae_tiny_cpu')
   pretrain.model.variant = 'pico/4'

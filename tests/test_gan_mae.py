@@ -80,6 +80,7 @@ def test_discriminator_sees_originals_at_visible_patches_and_predictions_at_mask
     np.testing.assert_allclose(patches[mask], pred[mask], rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_one_encoder_param_tree_serves_generator_and_discriminator():
   objective, params, batch = setup()
   assert set(params) == {'encoder', 'decoder', 'disc_head'}
@@ -114,7 +115,7 @@ def joint_term_grads(through_encoder=False):
   return jax.jit(jax.jacrev(lambda p: objective.loss_terms(p, batch, jax.random.key(3)), has_aux=True))(params)
 
 
-@pytest.mark.parametrize('through_encoder', [False, True])
+@pytest.mark.parametrize('through_encoder', [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_joint_routes_each_term_to_its_player_only(through_encoder):
   objective, params, batch = setup(update_scheme='joint', adv_through_disc_encoder=through_encoder)
   rng = jax.random.key(3)

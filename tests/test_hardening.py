@@ -194,7 +194,8 @@ SIGNAL_IN_PHASE = textwrap.dedent('''
 @pytest.mark.parametrize('phase, name, exit_code, line', [
     ('start-up', 'SIGTERM', 0, 'Preempted (SIGTERM) during start-up, before any step: nothing to save; rerun the same '
                                'command to resume.'),
-    ('final', 'SIGINT', 130, 'Interrupted (SIGINT) at step 5, the last: checkpoint saved in'),
+    pytest.param('final', 'SIGINT', 130, 'Interrupted (SIGINT) at step 5, the last: checkpoint saved in',
+                 marks=pytest.mark.slow),
 ])
 def test_a_signal_outside_the_loop_is_one_line_and_loses_nothing(tmp_path, phase, name, exit_code, line):
   workdir = str(tmp_path / 'run')
@@ -238,6 +239,7 @@ FAILING_GRID = textwrap.dedent('''
 ''')
 
 
+@pytest.mark.slow
 def test_a_failing_image_grid_is_one_warning_and_the_checkpoints_are_written(tmp_path):
   workdir = str(tmp_path / 'run')
   result = run_python(['-c', FAILING_GRID, *QUICK, '--config.train.num_steps=10', '--config.log.images_every_steps=5',

@@ -130,6 +130,7 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
   np.testing.assert_allclose(np.asarray(out16, np.float32), np.asarray(out32), atol=0.1)
 
 
+@pytest.mark.slow
 def test_remat_does_not_change_outputs_or_gradients():
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   plain = vit.ViT(**SMALL)
