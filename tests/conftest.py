@@ -163,6 +163,7 @@ def pytest_xdist_auto_num_workers(config):
   return max(1, min(4, len(os.sched_getaffinity(0))))
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
   """Under xdist (`--dist loadgroup`), tests that share an expensive fixture run on one worker, so it is
   built once: the demo run (two modules) and each module-scoped fixture."""
