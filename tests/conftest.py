@@ -31,6 +31,12 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+# Tests compile far more than they run: XLA:CPU's LLVM at -O0 compiles tiny programs about twice as fast and
+# runs them about 2.5x slower, so the session and its subprocesses use it, and the long demo runs ask for
+# optimised code (`optimized=True`). Set before any test module imports JAX.
+FAST_COMPILE_FLAG = '--xla_backend_optimization_level=0'
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
 CONFIGS = os.path.join(REPO, 'configs')
 # A fast tiny run of the CPU demo's config: no kNN, frequent logs and checkpoints, no images.
 QUICK = ['--config=configs/mae_tiny_cpu.py', '--config.data.eval_split=', '--config.log.every_steps=5',
@@ -69,11 +75,13 @@ def load_config_fixture():
   return load_config
 
 
-def cpu_env(num_devices=None, **extra):
-  """The environment of a CPU-only subprocess with `num_devices` simulated devices, importing this checkout."""
+def cpu_env(num_devices=None, optimized=False, **extra):
+  """The environment of a CPU-only subprocess with `num_devices` simulated devices, importing this checkout;
+  `optimized`: XLA's default optimisation (for long runs) instead of the tests' fast-compiling -O0."""
   env = dict(os.environ)
   env.pop('MAE_JAX_DISTRIBUTED', None)
-  flags = [f for f in env.get('XLA_FLAGS', '').split() if not f.startswith(DEVICE_COUNT_FLAG)]
+  flags = [f for f in env.get('XLA_FLAGS', '').split()
+           if not f.startswith(DEVICE_COUNT_FLAG) and not (optimized and f == FAST_COMPILE_FLAG)]
   if num_devices:
     flags.append(f'{DEVICE_COUNT_FLAG}={num_devices}')
   env.update(XLA_FLAGS=' '.join(flags), JAX_PLATFORMS='cpu',
@@ -96,12 +104,13 @@ def run_python(args, num_devices=None, timeout=300, env=None, check=True):
   return result
 
 
-def run_cli(module, *args, num_devices=None, env=None, timeout=900, check=False):
+def run_cli(module, *args, num_devices=None, env=None, timeout=900, check=False, optimized=False):
   """`python -m mae_jax.<module> *args`, as a user runs it, on `num_devices` simulated CPU devices (default:
   one) with the variables of `env` added (XLA_FLAGS there replaces the device count). Returns the
-  CompletedProcess whatever its exit status (`check=True`: fails the test on a non-zero one)."""
-  return run_python(['-m', f'mae_jax.{module}', *args], timeout=timeout, env=cpu_env(num_devices, **(env or {})),
-                    check=check)
+  CompletedProcess whatever its exit status (`check=True`: fails the test on a non-zero one; `optimized`: see
+  `cpu_env`)."""
+  return run_python(['-m', f'mae_jax.{module}', *args], timeout=timeout, check=check,
+                    env=cpu_env(num_devices, optimized, **(env or {})))
 
 
 def run_main(*args, **kwargs):
@@ -122,7 +131,7 @@ def demo_run(tmp_path_factory):
   """The README's main command (the MAE CPU demo), run to completion once per session: (workdir, stdout).
   Its tests (test_main.py) and the downstream demos that start from it (test_finetune.py) share it."""
   workdir = str(tmp_path_factory.mktemp('demo') / 'mae_tiny')
-  result = run_main('--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}')
+  result = run_main('--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}', optimized=True)
   assert result.returncode == 0, result.stderr[-3000:]
   return workdir, result.stdout
 

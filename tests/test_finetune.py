@@ -145,7 +145,7 @@ def pretrained(demo_run):
 def test_the_pretrained_encoder_beats_random_init_downstream(tmp_path, pretrained, task):
   runs = {}
   for arm, extra in (('pretrained', [f'--config.init_from={pretrained}']), ('random', [])):
-    result = run_main(f'--config=configs/{task}_mae_tiny_cpu.py', f'--workdir={tmp_path / arm}', *extra)
+    result = run_main(f'--config=configs/{task}_mae_tiny_cpu.py', f'--workdir={tmp_path / arm}', *extra, optimized=True)
     assert result.returncode == 0, result.stderr[-3000:]
     runs[arm] = final_top1(result.stdout)
     assert os.listdir(tmp_path / arm / 'checkpoints_best')  # the best top-1 kept beside the latest
