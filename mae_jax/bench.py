@@ -21,12 +21,12 @@ XLA counts a loop body once, so with `config.train.grad_accum_steps=k` the FLOPs
 one-micro-batch step (compiled separately) times k.
 """
 import os
-import sys
 import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mae_jax import cli
 from mae_jax import config as config_lib
 from mae_jax import distributed
 
@@ -60,8 +60,7 @@ CPU_MEMORY_SCHEDULER = '--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIM
 
 
 def fail(message):
-  print(f'mae_jax.bench: error: {message}', file=sys.stderr)
-  sys.exit(2)
+  cli.fail('mae_jax.bench', message)
 
 
 def device_peak_flops(device):
@@ -162,8 +161,34 @@ def size(num_bytes):
   return f'{num_bytes / GiB:.2f} GiB' if num_bytes >= GiB / 10 else f'{num_bytes / 2**20:.1f} MiB'
 
 
+def stand_in_frozen_networks(config, folder):
+  """Random weights, written to `folder`, for each frozen network (a tokenizer, a teacher) whose config field
+  names no existing file: the step's time and memory do not depend on their values, so a paper config is
+  benchmarked before its released networks are imported. Returns the fields replaced."""
+  import flax
+  import jax
+  import numpy as np
+
+  from mae_jax import frozen, tasks
+  replaced = []
+  for name, network in tasks.create(config).build_model().frozen_networks().items():
+    if os.path.exists(frozen.config_value(config, network.field)):
+      continue
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), network.abstract_params())
+    path = os.path.join(folder, f'{name}.msgpack')
+    with open(path, 'wb') as f:
+      f.write(flax.serialization.msgpack_serialize({network.subtree: params} if network.subtree else params))
+    section, _, field = network.field.rpartition('.')
+    frozen.config_value(config, section)[field] = path
+    replaced.append(f'config.{network.field}')
+  return replaced
+
+
 def run(config, steps, warmup, compile_only):
   """Compiles (and runs) the train step of `config`; prints and returns the figures as a dict."""
+  import tempfile
+
   import jax
   import numpy as np
 
@@ -173,7 +198,9 @@ def run(config, steps, warmup, compile_only):
     config.train.num_steps = max(steps + warmup, 1)
   process_count = jax.process_count()
   loader = SyntheticLoader(config, process_count)
-  trainer = train.Trainer(config, loader=loader)
+  with tempfile.TemporaryDirectory(prefix='mae_jax_bench_') as folder:
+    stand_ins = stand_in_frozen_networks(config, folder)
+    trainer = train.Trainer(config, loader=loader)  # loads the frozen networks
   mesh = trainer.mesh
   batch_spec = abstract_batch(loader, mesh, process_count)
   start = time.perf_counter()
@@ -198,6 +225,8 @@ def run(config, steps, warmup, compile_only):
       + (f' in {config.train.grad_accum_steps} micro-batches' if config.train.grad_accum_steps > 1 else ''),
       f'compile                  {compile_s:.1f} s',
       f'params per device        {size(param_bytes)} (float32; x3 with AdamW\'s moments)',
+      *([f'frozen networks          random weights for {", ".join(stand_ins)} (no file; timing only)']
+        if stand_ins else []),
       *memory_lines(compiled),
       f'FLOPs per step           {flop(flops)} per device, {flop(flops * mesh.devices.size)} in all '
       f'(XLA cost analysis{flops_note})',
@@ -240,15 +269,10 @@ def run(config, steps, warmup, compile_only):
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # the flags parser refuses positional arguments
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   config = f.config
-  try:
-    config.objective  # a config file that failed to load raises only when first used
-  except OSError as e:
-    fail(' '.join(str(e).split()))  # ml_collections' message spans lines
   for name in ('steps', 'warmup', 'per_device_batch', 'simulate_devices'):
     if f[name].value < (1 if name == 'steps' else 0):
       fail(f'--{name}={f[name].value} must be >= {1 if name == "steps" else 0}')
@@ -276,4 +300,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser('mae_jax.bench'))

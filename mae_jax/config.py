@@ -3,6 +3,9 @@
 Every field exists here with a default (MAE's ViT-B recipe); `configs/*.py` only override. The config
 is validated before anything is built or compiled, so a wrong value is one clear message.
 """
+import math
+import numbers
+
 import ml_collections
 
 from mae_jax.models import vit
@@ -131,6 +134,17 @@ def require(ok, message):
     raise ConfigError(message)
 
 
+def is_number(value, finite=True):
+  """A real number (not a bool), finite unless `finite=False`: what a numeric field must hold."""
+  return (isinstance(value, numbers.Real) and not isinstance(value, bool)
+          and (not finite or math.isfinite(value)))
+
+
+def are_numbers(value, count):
+  """`value` is a tuple or list of `count` finite real numbers (a crop range, a per-channel mean)."""
+  return isinstance(value, (tuple, list)) and len(value) == count and all(map(is_number, value))
+
+
 def validate(config):
   """Checks every value that would otherwise fail late or silently; raises ConfigError."""
   from mae_jax import objectives, optim, tasks  # late: they import this module
@@ -145,13 +159,21 @@ def validate(config):
           f'config.data.img_size={config.data.img_size} must be a positive multiple of the patch size {patch}')
   require(config.model.dtype in DTYPES, f'config.model.dtype={config.model.dtype!r} is not one of {DTYPES}')
   require(0.0 <= config.model.drop_path_rate < 1.0, 'config.model.drop_path_rate must be in [0, 1)')
+  require(0.0 <= config.model.dropout < 1.0, f'config.model.dropout={config.model.dropout} must be in [0, 1)')
+  require(is_number(config.model.mlp_ratio) and config.model.mlp_ratio > 0,
+          f'config.model.mlp_ratio={config.model.mlp_ratio} must be a positive number')
+  dec = config.model.decoder
+  require(dec.depth >= 0 and dec.num_heads >= 1 and dec.width >= 4 and dec.width % 4 == 0
+          and dec.width % dec.num_heads == 0,
+          f'config.model.decoder={dec.to_dict()}: depth >= 0, num_heads >= 1, and a width divisible by 4 (its '
+          'sin-cos table) and by num_heads')
   require(config.data.source in DATA_SOURCES,
           f'config.data.source={config.data.source!r} is not one of {DATA_SOURCES}')
-  require(len(config.data.crop_scale) == 2 and len(config.data.crop_ratio) == 2,
+  require(are_numbers(config.data.crop_scale, 2) and are_numbers(config.data.crop_ratio, 2),
           'config.data.crop_scale and config.data.crop_ratio need two values (lo, hi)')
   lo, hi = config.data.crop_scale
   require(0.0 < lo <= hi <= 1.0, f'config.data.crop_scale={tuple(config.data.crop_scale)} must satisfy 0 < lo <= hi <= 1')
-  require(len(config.data.mean) == 3 and len(config.data.std) == 3 and min(config.data.std) > 0,
+  require(are_numbers(config.data.mean, 3) and are_numbers(config.data.std, 3) and min(config.data.std) > 0,
           'config.data.mean and config.data.std need three values, std > 0')
   require(config.data.interpolation in ('bicubic', 'bilinear'),
           f"config.data.interpolation={config.data.interpolation!r} is not 'bicubic' or 'bilinear'")
@@ -160,18 +182,26 @@ def validate(config):
   require(config.data.num_workers >= 0 and config.data.prefetch >= 0 and config.data.max_pixels > 0,
           'config.data: num_workers >= 0 (0 = auto), prefetch >= 0, max_pixels > 0')
   require(bool(config.data.name), 'config.data.name is empty: name the embedded dataset, TFDS dataset or image folder')
+  require(bool(config.data.train_split), 'config.data.train_split is empty: name the split to train on')
+  require(bool(config.data.image_key), "config.data.image_key is empty: name the images' feature (TFDS)")
   t = config.train
   require(t.batch_size > 0, f'config.train.batch_size={t.batch_size} must be positive')
   require(t.grad_accum_steps >= 1, f'config.train.grad_accum_steps={t.grad_accum_steps} must be >= 1')
   require(t.num_steps > 0 or t.epochs > 0, 'set config.train.epochs > 0 or config.train.num_steps > 0')
   require(0 <= t.warmup_epochs and (t.num_steps > 0 or t.warmup_epochs < t.epochs),
           f'config.train.warmup_epochs={t.warmup_epochs} must be in [0, epochs={t.epochs})')
-  require(t.blr > 0 and t.min_lr >= 0 and t.weight_decay >= 0, 'config.train: blr > 0, min_lr >= 0, weight_decay >= 0')
+  require(all(map(is_number, (t.blr, t.min_lr, t.weight_decay))) and t.blr > 0 and t.min_lr >= 0
+          and t.weight_decay >= 0, 'config.train: blr > 0, min_lr >= 0, weight_decay >= 0, all finite')
+  peak = optim.peak_learning_rate(t)
+  require(t.min_lr <= peak, f'config.train.min_lr={t.min_lr} is above the peak lr {peak:.4g} (blr * batch_size / '
+          '256): the cosine schedule would rise')
   require(0 <= t.b1 < 1 and 0 <= t.b2 < 1, 'config.train.b1 and b2 must be in [0, 1)')
   for axis in ('data', 'fsdp'):
     size = config.mesh[axis]
     require(size == -1 or size >= 1, f'config.mesh.{axis}={size} must be -1 (fill) or >= 1')
     require(config.mesh[f'dcn_{axis}'] >= 1, f'config.mesh.dcn_{axis} must be >= 1')
+  require(config.mesh.fsdp_min_size_mb >= 0,
+          f'config.mesh.fsdp_min_size_mb={config.mesh.fsdp_min_size_mb} must be >= 0 (inf: never shard)')
   require(t.grad_clip >= 0, f'config.train.grad_clip={t.grad_clip} must be >= 0 (0 = off)')
   require(config.model.remat_policy in vit.REMAT_POLICIES,
           f'config.model.remat_policy={config.model.remat_policy!r} is not one of {sorted(vit.REMAT_POLICIES)}')
@@ -187,8 +217,10 @@ def validate(config):
   e = config.eval
   require(min(e.every_steps, e.knn_every_steps, e.knn_bank_size) >= 0,
           'config.eval: every_steps, knn_every_steps and knn_bank_size must be >= 0 (0 = off / the whole split)')
-  require(min(e.batch_size, e.knn_batch_size) > 0 and e.knn_temperature > 0,
-          'config.eval: batch_size, knn_batch_size and knn_temperature must be positive')
+  require(min(e.batch_size, e.knn_batch_size) > 0 and is_number(e.knn_temperature) and e.knn_temperature > 0,
+          'config.eval: batch_size, knn_batch_size and knn_temperature must be positive (and finite)')
+  require(not e.knn_bank_size or e.knn_k <= e.knn_bank_size,
+          f'config.eval.knn_k={e.knn_k} is more neighbours than the bank of knn_bank_size={e.knn_bank_size} images')
   for name in filter(None, config.allow_config_change.split(',')):
     node = config
     for key in name.split('.'):

@@ -8,7 +8,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import checkpoint
+from mae_jax import checkpoint, cli
 from mae_jax import config as config_lib
 from mae_jax import distributed, preemption, sharding
 
@@ -18,41 +18,16 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def fail(message, exit_code=2):
-  print(f'mae_jax: error: {message}', file=sys.stderr)
-  sys.exit(exit_code)
+  cli.fail('mae_jax', message, exit_code)
 
 
-def innermost_message(error):
-  """ml_collections wraps a KeyError('... Did you mean ...') in an AttributeError; show the text only."""
-  while isinstance(error, BaseException) and error.args:
-    error = error.args[0]
-  return str(error)
-
-
-def parse_flags(argv):
-  config_file = next((a.split('=', 1)[1] for a in argv[1:] if a.startswith('--config=')), '')
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:  # a missing required flag, an override of the wrong type: app.run would show a traceback
-    fail(' '.join(str(e).split()))
-  except SyntaxError as e:
-    fail(f'--config={config_file} is not a Python config file ({e.msg}, line {e.lineno})')
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    if 'get_config' in str(e):
-      fail(f'--config={config_file} has no get_config() function (see configs/*.py)')
-    overrides = ' '.join(a for a in argv[1:] if a.startswith('--config.'))
-    fail(f'a --config override does not match the config ({overrides}): {" ".join(innermost_message(e).split())}')
+parse_flags = cli.flags_parser('mae_jax')
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  del argv  # parse_flags refuses positional arguments
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   config = flags.FLAGS.config
-  try:
-    config.objective  # a config file that failed to load raises only when first used
-  except OSError as e:
-    fail(innermost_message(e))
   try:
     if distributed.initialize_from_flags():  # before anything touches a device
       distributed.log(f'Joined a multi-process run: {distributed.describe()}')

@@ -267,26 +267,32 @@ def train_and_evaluate(config, workdir):
   `preemption.Interrupted` after saving what was trained.
   """
   config_lib.validate(config)
+  # Checked here, not in validate: a resumed run no longer needs its warm start's source.
+  config_lib.require(not config.init_from or checkpoint.has_checkpoint(workdir)
+                     or epath.Path(config.init_from).exists(),
+                     f'config.init_from={config.init_from} does not exist (a workdir, or a file of '
+                     'python -m mae_jax.export import)')
+  created = not os.path.isdir(workdir)
   check_workdir(workdir)
-  with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0) as lock:
-    watch = preemption.PreemptionWatch(on_abort=lock.release)
-    ckpt = None
-    try:
-      trainer = Trainer(config, workdir)  # a config or mesh error stops here, before anything is written
-      # Checked here, not in validate: a resumed run no longer needs its warm start's source.
-      config_lib.require(not config.init_from or checkpoint.has_checkpoint(workdir)
-                         or epath.Path(config.init_from).exists(),
-                         f'config.init_from={config.init_from} does not exist (a workdir, or a file of '
-                         'python -m mae_jax.export import)')
-      ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-      return _train_and_evaluate(config, workdir, watch, ckpt, trainer)
-    finally:
-      watch.close()
+  try:
+    with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0) as lock:
+      watch = preemption.PreemptionWatch(on_abort=lock.release)
+      ckpt = None
       try:
-        if ckpt is not None:
-          ckpt.close()  # however the run ends: orbax's threads must finish before the interpreter does
-      except checkpoint.CheckpointError:
-        pass  # a failed save, raised and reported by the run already
+        trainer = Trainer(config, workdir)  # a config or mesh error stops here, before anything is written
+        ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+        return _train_and_evaluate(config, workdir, watch, ckpt, trainer)
+      finally:
+        watch.close()
+        try:
+          if ckpt is not None:
+            ckpt.close()  # however the run ends: orbax's threads must finish before the interpreter does
+        except checkpoint.CheckpointError:
+          pass  # a failed save, raised and reported by the run already
+  except (config_lib.ConfigError, sharding.MeshError):
+    if created and not os.listdir(workdir):
+      os.rmdir(workdir)  # a run refused before it started leaves no empty workdir behind
+    raise
 
 
 def _warn_once(warned, kind, step, error):

@@ -336,7 +336,7 @@ def test_export_and_import_errors_are_one_line(ten_steps, tmp_path):
       (['import', f'--in={tmp_path}/missing.pth', '--config=configs/mae_tiny_cpu.py', f'--out={tmp_path}/p.msgpack'],
        2, 'is not a file'),
       (['import', f'--in={tmp_path}/noise.safetensors', '--config=configs/mae_tiny_cpu.py',
-        f'--out={tmp_path}/p.msgpack'], 1, 'mae_jax.export: error: '),
+        f'--out={tmp_path}/p.msgpack'], 2, 'is not a PyTorch or safetensors file'),
   ]
   for args, exit_code, text in cases:
     result = run_cli('export', *args)
