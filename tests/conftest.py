@@ -167,6 +167,7 @@ def pytest_configure(config):
       sys.modules['jax'].config.update('jax_compilation_cache_dir', _COMPILATION_CACHE)
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: `-p no:xdist` runs without it
 def pytest_xdist_auto_num_workers(config):
   """`-n auto` (pytest.ini): one worker per core, at most 4 (each runs subprocesses of several threads)."""
   return max(1, min(4, len(os.sched_getaffinity(0))))
