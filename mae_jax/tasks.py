@@ -13,6 +13,7 @@ from mae_jax.config import require
 from mae_jax.data import mixup, transforms
 from mae_jax.evaluate.classification import ClassificationEvaluator
 from mae_jax.evaluate.knn import KnnEvaluator
+from mae_jax.evaluate.reconstruction import ReconstructionEvaluator
 
 
 class Task:
@@ -72,6 +73,18 @@ class Pretrain(Task):
 
   def build_model(self, num_classes=None):
     return objectives.create(self.config)
+
+
+class Tokenizer(Pretrain):
+  """Training an image tokenizer (objective 'vqgan'), watched by its held-out reconstruction error and codebook
+  usage ('reconstruction') and, if asked, a kNN monitor on its pooled codes ('knn')."""
+  evaluators = {'reconstruction': ReconstructionEvaluator, 'knn': KnnEvaluator}
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    require(hasattr(objectives.OBJECTIVES[config.objective], 'reconstruct'),
+            f"task 'tokenizer' trains a tokenizer: config.objective={config.objective!r} is not one (try 'vqgan')")
 
 
 class Classification(Task):
@@ -197,6 +210,7 @@ TASKS = {
     'pretrain': Pretrain,
     'finetune': Finetune,
     'linprobe': Linprobe,
+    'tokenizer': Tokenizer,
 }
 
 

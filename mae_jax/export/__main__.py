@@ -13,7 +13,8 @@ Import a PyTorch file into params for a config's model, written as flax msgpack 
       --config=configs/mae_vitb.py --out=/tmp/mae_visualize_vit_base.msgpack
 
 Formats: mae-official (facebookresearch/mae MaskedAutoencoderViT), timm-vit (cls-token pooling, `norm`),
-timm-vit-avg (global average pooling, `fc_norm`). Any key the conversion would lose is an error; known
+timm-vit-avg (global average pooling, `fc_norm`), mae-finetuned, gan-mae, mage-official (LTH14/mage
+MaskedGenerativeEncoderViT, its VQGAN included), vqgan (MAGE's tokenizer, `vqgan_jax_strongaug.ckpt`). Any key the conversion would lose is an error; known
 partial files load with --allow_missing=GLOBS (e.g. 'decoder*,mask_token' for the encoder-only releases)
 and unwanted keys are skipped with --ignore=GLOBS (e.g. 'head.*'). `--in` may be a `.pth`/`.pt`, a
 pytorch-lightning `.ckpt` ({'state_dict': ...}) or a `.safetensors` file; what is wrong with a file (not a
