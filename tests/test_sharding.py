@@ -19,8 +19,9 @@ from mae_jax import sharding
 STEPS = 5
 MESHES = {'1 device': (1, 1, 1), 'data=8': (8, 1, 8), 'fsdp=8': (1, 8, 8), 'data=2 x fsdp=4': (2, 4, 8)}
 # Every other objective (with its frozen networks) and every downstream task on the three meshes that matter most.
-RUNS = ('gan_mae', 'mimic_mae', 'finetune', 'linprobe')
+RUNS = ('gan_mae', 'mimic_mae', 'mage', 'finetune', 'linprobe')
 TASKS = ('finetune', 'linprobe')
+CONFIG_RUNS = {'mage': 'mage_tiny_cpu'}  # objectives run from a tiny config of their own (MAGE: its tokenizer)
 RUN_MESHES = ('1 device', 'data=8', 'fsdp=8')
 
 
@@ -192,9 +193,9 @@ def per_device_bytes(tree):
 def run_config(run, data, fsdp, teacher_file):
   """The tiny config of `run`: an objective's pretraining, or a downstream task (with its own config file)."""
   import mimic_objective
-  if run in TASKS:
+  if run in TASKS or run in CONFIG_RUNS:
     import importlib
-    c = importlib.import_module(f'configs.{run}_mae_tiny_cpu').get_config()
+    c = importlib.import_module(f'configs.{CONFIG_RUNS.get(run, f"{run}_mae_tiny_cpu")}').get_config()
     c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size_mb=0)
     c.train.num_steps = STEPS
     return c

@@ -14,9 +14,14 @@ Downstream: `FinetuneTransform` is timm's `create_transform(is_training=True, ..
 (bicubic RandomResizedCrop (0.08, 1) + flip + RandAugment 'rand-m9-mstd0.5-inc1' + normalise + random erasing
 0.25, randaugment.py); `LinprobeTransform` is MAE's util/crop.RandomResizedCrop (one draw, clamped, no retries)
 + flip + normalise.
+
+MAGE-C's two views are drawn inside the jitted step from the example keys (`contrastive_views`, in jnp), so a
+batch stays a pure function of (seed, step) and the loader keeps one image per example.
 """
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -183,3 +188,41 @@ class LinprobeTransform:
 
   def __call__(self, image, rng, out=None):
     return self.normalize(self.crop(image, rng), out)
+
+
+GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # torchvision's rgb_to_grayscale
+
+
+def _random_view(key, image, scale, ratio, jitter, jitter_prob, grayscale_prob):
+  """One view of a [0, 1] image (H, W, 3): a bilinear random resized crop of area fraction U(scale) and
+  log-uniform aspect in `ratio` (clamped to the image, one draw), a flip with probability 0.5, then with
+  probability `jitter_prob` brightness, contrast and saturation factors U(1 - jitter, 1 + jitter) in that
+  order (torchvision's ColorJitter draws the order; hue is left out), then grayscale with `grayscale_prob`."""
+  height, width, _ = image.shape
+  k = jax.random.split(key, 10)
+  area = jax.random.uniform(k[0], minval=scale[0], maxval=scale[1])
+  aspect = jnp.exp(jax.random.uniform(k[1], minval=math.log(ratio[0]), maxval=math.log(ratio[1])))
+  h, w = jnp.minimum(jnp.sqrt(area / aspect), 1.0), jnp.minimum(jnp.sqrt(area * aspect), 1.0)  # fractions
+  top, left = jax.random.uniform(k[2]) * (1 - h), jax.random.uniform(k[3]) * (1 - w)
+  view = jax.image.scale_and_translate(image, image.shape, (0, 1), jnp.stack([1 / h, 1 / w]),
+                                       jnp.stack([-top * height / h, -left * width / w]), 'linear')
+  view = jnp.where(jax.random.uniform(k[4]) < 0.5, view[:, ::-1], view)
+  gray = lambda x: jnp.sum(x * jnp.asarray(GRAY_WEIGHTS), axis=-1, keepdims=True)
+  factor = lambda key: jax.random.uniform(key, minval=1 - jitter, maxval=1 + jitter)
+  blend = lambda x, toward, f: jnp.clip((x - toward) * f + toward, 0, 1)  # torchvision's _blend
+  jittered = jnp.clip(view * factor(k[5]), 0, 1)
+  jittered = blend(jittered, gray(jittered).mean(), factor(k[6]))
+  jittered = blend(jittered, gray(jittered), factor(k[7]))
+  view = jnp.where(jax.random.uniform(k[8]) < jitter_prob, jittered, view)
+  return jnp.where(jax.random.uniform(k[9]) < grayscale_prob, jnp.broadcast_to(gray(view), view.shape), view)
+
+
+def contrastive_views(example_keys, images, section):
+  """Two augmented views (N, H, W, 3) each of [0, 1] images, for MAGE-C (`section`: config.mage.contrastive),
+  drawn from the raw example keys (N, 2) folded with 0 and 1: independent of how the batch is split."""
+  def views(raw_key, image):
+    key = jax.random.wrap_key_data(raw_key)
+    draw = lambda i: _random_view(jax.random.fold_in(key, i), image, tuple(section.crop_scale), (3 / 4, 4 / 3),
+                                  section.color_jitter, section.color_jitter_prob, section.grayscale_prob)
+    return draw(0), draw(1)
+  return jax.vmap(views)(example_keys, images.astype(jnp.float32))

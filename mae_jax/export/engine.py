@@ -2,7 +2,9 @@
 
 Nothing is dropped silently. On export every param in the format's scope must match a rule. On import
 every key of the file must be used (or explicitly `ignore`d) and every param the model expects must be
-filled (or explicitly `allow_missing`); shapes must agree. One error lists every offending key.
+filled (or explicitly `allow_missing`); shapes must agree. One error lists every offending key. The only keys
+a table drops are its 'unused' ones: the reference's dead entries, written on export as the objective gives
+them so that the reference's strict load succeeds, shape-checked and skipped on import.
 """
 import fnmatch
 import logging
@@ -77,7 +79,7 @@ def to_torch(params, fmt, fixed, grid=None):
   Args:
     params: params pytree; only the format's scope is exported.
     fmt: a key of `tables.FORMATS`.
-    fixed: the model's fixed tables, {jax path: (1, 1 + L, D)} (`tables.fixed_tables`).
+    fixed: the model's fixed tables, {jax path: (1, 1 + L, D)}, and its 'unused' tensors (`tables.fixed_tables`).
     grid: optional (h, w) patch grid of the target model, when it differs from the trained one.
   """
   rules = _compile(fmt)
@@ -86,7 +88,7 @@ def to_torch(params, fmt, fixed, grid=None):
   out, problems = [], []
   for path, value in flat.items():
     hit = _translate(rules, path, 0)
-    if hit is None or (hit[2] in tables.POSITION_KINDS and path in fixed):
+    if hit is None or (hit[2] in tables.POSITION_KINDS and path in fixed) or hit[2] == tables.UNUSED:
       problems.append(f'{path} {np.shape(value)}: no rule for it in format {fmt!r}')
       continue
     order, key, kind = hit
@@ -98,7 +100,10 @@ def to_torch(params, fmt, fixed, grid=None):
   present = {path.split('/')[0] for path in flat}
   for n, rule in enumerate(rules):
     (jax, key), kind = rule.keys, rule.kind
-    if kind not in tables.POSITION_KINDS or jax.split('/')[0] not in present or jax not in fixed:
+    if kind not in (*tables.POSITION_KINDS, tables.UNUSED) or jax.split('/')[0] not in present or jax not in fixed:
+      continue
+    if kind == tables.UNUSED:  # as the objective gives it (dtype included: a buffer may be int64)
+      out.append(((rule.group, -1, n), key, np.asarray(fixed[jax])))
       continue
     table = fixed[jax]
     if grid is not None and tuple(grid) != _grid(table):
@@ -139,7 +144,8 @@ def from_torch(state_dict, fmt, expected, fixed, allow_missing=(), ignore=()):
     state_dict: {torch key: np.ndarray}.
     fmt: a key of `tables.FORMATS`.
     expected: the model's params (arrays or ShapeDtypeStructs), e.g. `jax.eval_shape(objective.init, rng)`.
-    fixed: the model's fixed tables, {jax path: (1, 1 + L, D)}; the file's must be sin-cos tables.
+    fixed: the model's fixed tables, {jax path: (1, 1 + L, D)}; the file's must be sin-cos tables. Also the
+      shapes of its 'unused' tensors.
     allow_missing: globs of torch keys that may be absent (a known partial layout, e.g. 'decoder*'); the
       result then lacks those params.
     ignore: globs of torch keys in the file that are deliberately not used.
@@ -157,6 +163,12 @@ def from_torch(state_dict, fmt, expected, fixed, allow_missing=(), ignore=()):
       problems.append(f'{key} {tuple(value.shape)}: unexpected, no rule for it in format {fmt!r}')
       continue
     _, path, kind = hit
+    if kind == tables.UNUSED:
+      if path in fixed and tuple(value.shape) != fixed[path].shape:
+        problems.append(f'{key}: shape {tuple(value.shape)}, the reference model has {fixed[path].shape}')
+      else:
+        logging.info('%s %s: not used by the model (nor by the reference); skipped', key, tuple(value.shape))
+      continue
     if kind in tables.POSITION_KINDS and path in fixed:
       problem = _check_position_table(key, value, fixed[path])
       problems += [problem] if problem else []

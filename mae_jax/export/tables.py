@@ -5,19 +5,26 @@ changes between the two layouts (`KINDS`), or marks a position table that is fix
   'sincos': fixed in the target too (the reference's frozen `pos_embed`); recomputed for another grid.
   'posemb': learned in the target (timm); our fixed table is its initial value, resized bicubically for
             another grid, as the reference's fine-tuning and timm's loader do.
+or marks an entry of the reference's state_dict that its model never uses (`UNUSED`, MAGE's dead params and
+buffers): export writes the objective's `unused_reference_tensors()` under the rule's jax path, so that the
+reference's strict `load_state_dict` succeeds; import checks its shape and drops it.
 A format's scope is the set of top-level modules its rules name; `engine.py` applies a table either way.
 A new objective's format (GAN-MAE, MAGE, MR-MAE) is a new entry in `FORMATS`.
 """
 import numpy as np
 
+from mae_jax.models import vqgan
 from mae_jax.models.vit import posemb_sincos_2d
 
 KINDS = {  # kind: (jax -> torch, torch -> jax)
     'copy': (lambda x: x, lambda x: x),
     'dense': (np.transpose, np.transpose),  # flax (in, out) <-> torch Linear (out, in)
     'conv': (lambda k: k.transpose(3, 2, 0, 1), lambda w: w.transpose(2, 3, 1, 0)),  # (p, p, c, D) <-> (D, c, p, p)
+    'embedding_table': (lambda t: t[0], lambda w: w[None]),  # a learned (1, L, D) table <-> nn.Embedding (L, D)
+    'broadcast_bias': (lambda b: b[None, None], lambda b: b[0, 0]),  # (V,) <-> a (1, 1, V) nn.Parameter
 }
 POSITION_KINDS = ('sincos', 'posemb')
+UNUSED = 'unused'
 
 
 def _linear(jax, torch):
@@ -54,6 +61,62 @@ MAE_DECODER = [
 ]
 HEAD = _linear('head', 'head')  # only when the params (or the export options) have a classifier
 
+
+
+def _conv(jax, torch, bias=True):
+  return [(f'{jax}/kernel', f'{torch}.weight', 'conv')] + ([(f'{jax}/bias', f'{torch}.bias', 'copy')] if bias else [])
+
+
+def _resblock(jax, torch):
+  """MAGE's taming `ResnetBlock`: bias-free convs; `nin_shortcut` exists only where the width changes."""
+  return [*_norm(f'{jax}/norm1', f'{torch}.norm1'), *_conv(f'{jax}/conv1', f'{torch}.conv1', bias=False),
+          *_norm(f'{jax}/norm2', f'{torch}.norm2'), *_conv(f'{jax}/conv2', f'{torch}.conv2', bias=False),
+          *_conv(f'{jax}/nin_shortcut', f'{torch}.nin_shortcut', bias=False)]
+
+
+def _vqgan(jax, torch):
+  """MaskGIT's VQGAN as MAGE's taming port names it (`mae_jax.models.vqgan`), params under `jax`, keys under
+  `torch` ('' for the tokenizer file itself, 'vqgan' inside MAGE's checkpoints). `{i}` is the block index."""
+  torch = f'{torch}.' if torch else ''
+  enc, dec, tenc, tdec = f'{jax}/encoder', f'{jax}/decoder', f'{torch}encoder', f'{torch}decoder'
+  mid = lambda j, t: [rule for b in (1, 2) for rule in _resblock(f'{j}/mid/block_{b}', f'{t}.mid.block_{b}')]
+  rules = _conv(f'{enc}/conv_in', f'{tenc}.conv_in', bias=False)
+  for level in range(vqgan.MAX_LEVELS):  # a rule that matches nothing is harmless
+    rules += _resblock(f'{enc}/down_{level}/block_{{i}}', f'{tenc}.down.{level}.block.{{i}}')
+  rules += [*mid(enc, tenc), *_norm(f'{enc}/norm_out', f'{tenc}.norm_out'),
+            *_conv(f'{enc}/conv_out', f'{tenc}.conv_out'), *_conv(f'{dec}/conv_in', f'{tdec}.conv_in'), *mid(dec, tdec)]
+  for level in range(vqgan.MAX_LEVELS):
+    rules += [*_resblock(f'{dec}/up_{level}/block_{{i}}', f'{tdec}.up.{level}.block.{{i}}'),
+              *_conv(f'{dec}/up_{level}/upsample/conv', f'{tdec}.up.{level}.upsample.conv')]
+  return rules + [*_norm(f'{dec}/norm_out', f'{tdec}.norm_out'), *_conv(f'{dec}/conv_out', f'{tdec}.conv_out'),
+                  (f'{jax}/quantize/embedding', f'{torch}quantize.embedding.weight', 'copy')]
+
+
+def _mage():
+  """LTH14/mage `MaskedGenerativeEncoderViT` (mage-vit{b,l}-1600.pth, spec mage.md 1.9): BertEmbeddings, the
+  blocks, the decoder with its MlmLayer, the frozen VQGAN under `vqgan.` (the loop's params['tokenizer']),
+  and the entries the reference never uses (`UNUSED`)."""
+  unused = [('encoder/cls_token', 'cls_token'), ('encoder/sincos_pos_embed', 'pos_embed'),
+            ('encoder/patch_embed/proj/kernel', 'patch_embed.proj.weight'),
+            ('encoder/patch_embed/proj/bias', 'patch_embed.proj.bias'), ('encoder/position_ids', 'token_emb.position_ids'),
+            ('decoder/mask_token', 'mask_token'), ('decoder/decoder_pos_embed', 'decoder_pos_embed'),
+            ('decoder/decoder_pred/kernel', 'decoder_pred.weight'), ('decoder/decoder_pred/bias', 'decoder_pred.bias')]
+  return [('encoder/token_embed/embedding', 'token_emb.word_embeddings.weight', 'copy'),
+          ('encoder/pos_embed', 'token_emb.position_embeddings.weight', 'embedding_table'),
+          *_norm('encoder/embed_norm', 'token_emb.LayerNorm'),
+          *_block('encoder/blocks_{i}', 'blocks.{i}'),
+          *_norm('encoder/norm', 'norm'),
+          *_linear('decoder/decoder_embed', 'decoder_embed'),
+          ('decoder/decoder_pos_embed_learned', 'decoder_pos_embed_learned', 'copy'),
+          *_block('decoder/decoder_blocks_{i}', 'decoder_blocks.{i}'),
+          *_norm('decoder/decoder_norm', 'decoder_norm'),
+          *_linear('decoder/mlm_layer/fc', 'mlm_layer.fc'),
+          *_norm('decoder/mlm_layer/ln', 'mlm_layer.ln'),
+          ('decoder/mlm_layer/bias', 'mlm_layer.bias', 'broadcast_bias'),
+          *_vqgan('tokenizer', 'vqgan'),
+          *[(jax, torch, UNUSED) for jax, torch in unused]]
+
+
 FORMATS = {
     # facebookresearch/mae `MaskedAutoencoderViT` (checkpoint-*.pth, mae_pretrain_vit_*[_full].pth,
     # mae_visualize_vit_*.pth); the encoder-only releases are this table with the decoder keys missing.
@@ -70,6 +133,13 @@ FORMATS = {
     # GAN-MAE (no reference code exists): the MAE pretraining model plus the discriminator's per-patch head,
     # named `disc_head` like our param (a torch.nn.Linear(D, 1)); the encoder is shared by both players.
     'gan-mae': _encoder('sincos') + MAE_DECODER + _linear('disc_head', 'disc_head'),
+    # MaskGIT's tokenizer as MAGE's taming port saves it (vqgan_jax_strongaug.ckpt: encoder.*, decoder.*,
+    # quantize.embedding.weight), for the params of objective 'vqgan' (params['vqgan']).
+    'vqgan': _vqgan('vqgan', ''),
+    # MAGE's pretraining model. Export writes the vqgan.* keys when the params hold the frozen tokenizer (the
+    # loop's params with the frozen networks: `Trainer.with_frozen`); import takes --ignore='vqgan.*' (the
+    # tokenizer is imported on its own, --format=vqgan). MAGE-C's contrastive_head is not in the layout.
+    'mage-official': _mage(),
 }
 
 
@@ -80,11 +150,13 @@ def scope(fmt):
 
 def fixed_tables(objective):
   """The objective's fixed sin-cos tables (1, 1 + L, D), keyed by the jax paths the rules use (a learned
-  table is a param instead, exported and imported like one)."""
+  table is a param instead, exported and imported like one), and its `UNUSED` entries."""
   out = {}
-  if objective.encoder.posemb == 'sincos':
+  if getattr(getattr(objective, 'encoder', None), 'posemb', None) == 'sincos':  # a tokenizer has no ViT
     out['encoder/pos_embed'] = posemb_sincos_2d(objective.encoder.width, objective.encoder.grid_size)[None]
   decoder = getattr(objective, 'decoder', None)
-  if decoder is not None:
+  if hasattr(decoder, 'grid_size'):  # MAE's fixed table; MAGE's decoder has a learned one
     out['decoder/decoder_pos_embed'] = posemb_sincos_2d(decoder.width, decoder.grid_size)[None]
+  if hasattr(objective, 'unused_reference_tensors'):
+    out.update(objective.unused_reference_tensors())
   return out

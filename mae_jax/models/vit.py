@@ -152,11 +152,14 @@ class DropPath(nn.Module):
 
 
 class Attention(nn.Module):
+  """timm's Attention: `attn_dropout` on the attention weights, `proj_dropout` after the projection."""
   num_heads: int
   dtype: Any = jnp.float32
+  attn_dropout: float = 0.0
+  proj_dropout: float = 0.0
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, deterministic=True):
     n, length, dim = x.shape
     head_dim = dim // self.num_heads
     # Rows of the fused kernel are [q | k | v], each head-major: the reference's reshape(B, N, 3, H, C/H).
@@ -164,9 +167,10 @@ class Attention(nn.Module):
     qkv = qkv.reshape(n, length, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     logits = jnp.einsum('nqhd,nkhd->nhqk', q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    weights = nn.Dropout(self.attn_dropout)(jax.nn.softmax(logits, axis=-1), deterministic).astype(self.dtype)
     out = jnp.einsum('nhqk,nkhd->nqhd', weights, v).reshape(n, length, dim)
-    return nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
+    out = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='proj')(out)
+    return nn.Dropout(self.proj_dropout)(out, deterministic)
 
 
 class Mlp(nn.Module):
@@ -185,31 +189,35 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-  """Pre-norm transformer block: x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x)))."""
+  """Pre-norm transformer block: x + drop_path(attn(norm1(x))), then x + drop_path(mlp(norm2(x))).
+
+  `dropout` is timm's `drop` (after the attention projection and in the MLP), `attn_dropout` its `attn_drop`.
+  """
   num_heads: int
   mlp_ratio: float = 4.0
   drop_path: float = 0.0
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  attn_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, x, train=False):
     deterministic = not train
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
-    y = Attention(self.num_heads, self.dtype, name='attn')(y)
+    y = Attention(self.num_heads, self.dtype, self.attn_dropout, self.dropout, name='attn')(y, deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x)
     y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dropout, self.dtype, name='mlp')(y, deterministic)
     return x + DropPath(self.drop_path)(y, deterministic)
 
 
-def make_blocks(depth, num_heads, mlp_ratio, drop_path_rate, dropout, dtype, remat):
+def make_blocks(depth, num_heads, mlp_ratio, drop_path_rate, dropout, dtype, remat, attn_dropout=0.0):
   """`depth` blocks with drop-path rates linearly spaced from 0, optionally rematerialised (`remat`: False,
   True or a REMAT_POLICIES name)."""
   policy = REMAT_POLICIES[remat if isinstance(remat, str) else 'full']
   block = nn.remat(Block, static_argnums=(2,), policy=policy) if remat else Block
   rates = np.linspace(0.0, drop_path_rate, depth) if depth else []
-  return [block(num_heads, mlp_ratio, float(rate), dropout, dtype) for rate in rates]
+  return [block(num_heads, mlp_ratio, float(rate), dropout, dtype, attn_dropout) for rate in rates]
 
 
 class ViT(nn.Module):
@@ -219,6 +227,10 @@ class ViT(nn.Module):
   table (fixed sin-cos or learned), an optional cls token, the pooling and a classifier head. The defaults
   are MAE's encoder, whose param paths and initial values the checkpoints depend on. `ids_keep` selects
   the visible tokens (MAE's encoder); without it every token is encoded.
+
+  MAGE's encoder is BERT's embedding over VQGAN ids: `stem='tokens'` with `prefix_ids=1` (the first input
+  id is a real token, the fake class id, not a cls param: it has the first row of the learned table and is
+  always kept), `norm_embeddings` (LayerNorm eps 1e-6) and `embed_dropout` after the position embedding.
   """
   img_size: int = 224
   patch_size: int = 16
@@ -228,10 +240,14 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   drop_path_rate: float = 0.0
   dropout: float = 0.0
+  attn_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: Any = False
-  stem: str = 'patch'  # 'patch': NHWC pixels; 'tokens': int ids (N, grid^2), e.g. MAGE's VQGAN codes
+  stem: str = 'patch'  # 'patch': NHWC pixels; 'tokens': int ids (N, prefix_ids + grid^2), e.g. MAGE's VQGAN codes
   vocab_size: int = 0
+  prefix_ids: int = 0  # leading input ids that are prefix tokens (MAGE's fake class id); needs a learned table
+  norm_embeddings: bool = False  # LayerNorm `embed_norm` after the position embedding (BERT's, MAGE's)
+  embed_dropout: float = 0.0
   posemb: str = 'sincos'  # 'sincos': fixed, not a param; 'learned': param `pos_embed`
   cls_token: bool = True
   pool: str = 'none'  # 'cls': token 0 after `norm`; 'gap': `fc_norm` of the mean patch token, no `norm`
@@ -248,7 +264,7 @@ class ViT(nn.Module):
 
   @property
   def num_prefix_tokens(self):
-    return int(self.cls_token)
+    return int(self.cls_token) + self.prefix_ids
 
   def _check_options(self):
     problems = []
@@ -258,7 +274,9 @@ class ViT(nn.Module):
       problems.append(f"stem {self.stem!r} (vocab_size {self.vocab_size}): expected 'patch' or 'tokens' with a vocab")
     if self.posemb not in ('sincos', 'learned'):
       problems.append(f"posemb {self.posemb!r}: expected 'sincos' or 'learned'")
-    if self.pool not in ('none', 'cls', 'gap') or (self.pool == 'cls' and not self.cls_token):
+    if self.prefix_ids and (self.stem != 'tokens' or self.posemb != 'learned' or self.cls_token):
+      problems.append(f"prefix_ids {self.prefix_ids}: needs stem 'tokens', posemb 'learned' and no cls token")
+    if self.pool not in ('none', 'cls', 'gap') or (self.pool == 'cls' and not self.num_prefix_tokens):
       problems.append(f"pool {self.pool!r}: expected 'none', 'gap' or 'cls' (which needs the cls token)")
     if self.num_classes and self.pool == 'none':
       problems.append(f'a head of {self.num_classes} classes needs pooled features: set pool')
@@ -278,8 +296,11 @@ class ViT(nn.Module):
       self.pos_embed = self.param('pos_embed', timm_trunc_normal(0.02), (1, num_tokens, self.width))
     else:
       self.pos_embed = jnp.asarray(posemb_sincos_2d(self.width, self.grid_size, self.cls_token))[None]
+    if self.norm_embeddings:
+      self.embed_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+    self.embed_drop = nn.Dropout(self.embed_dropout)
     self.blocks = make_blocks(self.depth, self.num_heads, self.mlp_ratio, self.drop_path_rate, self.dropout,
-                              self.dtype, self.remat)
+                              self.dtype, self.remat, self.attn_dropout)
     if self.pool == 'gap':
       self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
     else:
@@ -289,10 +310,11 @@ class ViT(nn.Module):
                            bias_init=nn.initializers.zeros)
 
   def __call__(self, inputs, ids_keep: Optional[jax.Array] = None, train: bool = False):
-    """inputs: images (N, H, W, C) or token ids (N, L); ids_keep: optional (N, K) patch indices to keep.
+    """inputs: images (N, H, W, C) or token ids (N, prefix_ids + L); ids_keep: optional (N, K) patch indices
+    to keep (the prefix ids are always kept, in front).
 
     Returns a dict (jit drops what the caller does not use):
-      embedded: (N, L, D) stem + position, every patch, before the selection.
+      embedded: (N, prefix_ids + L, D) stem + position (+ embed_norm, dropout), every token, before the selection.
       blocks: each block's output tokens, (N, prefix + K, D).
       pre_norm: the last block's output.
       tokens: `norm(pre_norm)`; absent with pool='gap'.
@@ -301,10 +323,14 @@ class ViT(nn.Module):
     """
     prefix = self.num_prefix_tokens
     stem = self.patch_embed if self.stem == 'patch' else self.token_embed
-    x = stem(inputs) + self.pos_embed[:, prefix:].astype(self.dtype)
+    # The cls param's row comes first; the inputs (prefix ids included) take the rest.
+    x = stem(inputs) + self.pos_embed[:, int(self.cls_token):].astype(self.dtype)
+    if self.norm_embeddings:
+      x = self.embed_norm(x)
+    x = self.embed_drop(x, not train)
     out = {'embedded': x}
     if ids_keep is not None:
-      x = masking.gather(x, ids_keep)
+      x = jnp.concatenate([x[:, :self.prefix_ids], masking.gather(x[:, self.prefix_ids:], ids_keep)], axis=1)
     if self.cls_token:
       cls = jnp.broadcast_to(self.cls + self.pos_embed[:, :1], (x.shape[0], 1, self.width))
       x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)

@@ -5,10 +5,14 @@ module plus one line here: no shared config file changes.
 """
 from mae_jax.objectives.gan_mae import GANMAE
 from mae_jax.objectives.mae import MAE
+from mae_jax.objectives.mage import MAGE
+from mae_jax.objectives.vqgan import VQGANTokenizer
 
 OBJECTIVES = {
     'mae': MAE,
     'gan_mae': GANMAE,
+    'mage': MAGE,
+    'vqgan': VQGANTokenizer,
 }
 
 
