@@ -33,9 +33,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 # Tests compile far more than they run: XLA:CPU's LLVM at -O0 compiles tiny programs about twice as fast and
 # runs them about 2.5x slower, so the session and its subprocesses use it, and the long demo runs ask for
-# optimised code (`optimized=True`). Set before any test module imports JAX.
+# optimised code (`optimized=True`). -O0 rounds differently (no fused multiply-adds): a test comparing with
+# numbers the optimised code wrote runs in an optimised process of its own (`rerun_optimized`). Set before any
+# test module imports JAX.
 FAST_COMPILE_FLAG = '--xla_backend_optimization_level=0'
-if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
+OPTIMIZED_PROCESS = 'MAE_JAX_TESTS_OPTIMIZED'
+if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', '') and OPTIMIZED_PROCESS not in os.environ:
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE_FLAG}".strip()
 CONFIGS = os.path.join(REPO, 'configs')
 # A fast tiny run of the CPU demo's config: no kNN, frequent logs and checkpoints, no images.
@@ -124,6 +127,16 @@ def start_main(*args, num_devices=None, env=None):
   return subprocess.Popen([sys.executable, '-u', '-m', 'mae_jax.main', *map(str, args)], cwd=REPO,
                           env=cpu_env(num_devices, **(env or {})), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
+
+
+def rerun_optimized(request):
+  """True after running the calling test again in a pytest process of its own with XLA's default optimisation
+  (which it passed: the caller returns); False inside that process (the caller goes on)."""
+  if os.environ.get(OPTIMIZED_PROCESS):
+    return False
+  run_python(['-m', 'pytest', '-q', '-n', '0', '-p', 'no:cacheprovider', request.node.nodeid],
+             env=cpu_env(optimized=True, **{OPTIMIZED_PROCESS: 1}))
+  return True
 
 
 @pytest.fixture(scope='session')

@@ -25,7 +25,8 @@ from conftest import REPO, run_python
 from mae_jax import config as config_lib
 from mae_jax.config import ConfigError
 
-PROGRAMS = {'mae_jax.main': 'mae_jax', 'mae_jax.export': 'mae_jax.export', 'mae_jax.bench': 'mae_jax.bench'}
+PROGRAMS = {'mae_jax.main': 'mae_jax', 'mae_jax.export': 'mae_jax.export', 'mae_jax.bench': 'mae_jax.bench',
+            'mae_jax.evaluate.fid': 'mae_jax.evaluate.fid'}
 
 
 def documented_commands():
@@ -112,6 +113,9 @@ def variants(module, args, root):
          "flag --config.train.batch_size=abc: invalid literal for int() with base 10: 'abc'", {}, False),
         ('no --workdir', without(args, 'workdir'), 'Flag --workdir must have a value other than None', {}, False),
     ]
+  if module == 'mae_jax.evaluate.fid':  # argparse's own one-line errors; no config
+    return [('a stray argument', [*args, 'stray'], 'unrecognized arguments: stray', {}, False),
+            ('as documented, its folders missing', args, 'is not a folder', {}, True)]
   if module == 'mae_jax.bench':
     return per_config + once + [
         ('a value out of range', [*args, '--steps=0'], '--steps=0 must be >= 1', {}, False),
@@ -151,7 +155,7 @@ def cases(root):
   every one in a sandbox folder of its own under `root`."""
   out, programs = [], set()
   for n, (words, where) in enumerate(documented_commands().items()):
-    program = words[2:4] if 'import' in words else words[2:3]
+    program = words[2:4] if 'import' in words or words[2] == 'mae_jax.evaluate.fid' else words[2:3]
     first = program not in programs
     programs.add(program)
     for m, (name, *_, per_config) in enumerate(variants(words[2], sandboxed(words, ''), '')):
