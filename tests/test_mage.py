@@ -1,7 +1,6 @@
 """MAGE: forward parity with an independent PyTorch MAGE, the reference's masking, configs, export, training."""
 import json
 import math
-import os
 
 import flax
 import jax
