@@ -140,13 +140,21 @@ def rerun_optimized(request):
 
 
 @pytest.fixture(scope='session')
-def demo_run(tmp_path_factory):
+def demo_run(tmp_path_factory, worker_id):
   """The README's main command (the MAE CPU demo), run to completion once per session: (workdir, stdout).
-  Its tests (test_main.py) and the downstream demos that start from it (test_finetune.py) share it."""
-  workdir = str(tmp_path_factory.mktemp('demo') / 'mae_tiny')
-  result = run_main('--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}', optimized=True)
-  assert result.returncode == 0, result.stderr[-3000:]
-  return workdir, result.stdout
+  Its tests (test_main.py) and the downstream demos that start from it (test_finetune.py) share it; under
+  xdist its run is shared by the workers too (a file lock in their common temporary folder), should the
+  scheduler place its users on more than one worker."""
+  import filelock  # a dependency of torch, so of the test extras
+  root = tmp_path_factory.getbasetemp()
+  root = root if worker_id == 'master' else root.parent
+  workdir, stdout = root / 'demo' / 'mae_tiny', root / 'demo' / 'stdout.txt'
+  with filelock.FileLock(str(root / 'demo.lock')):
+    if not stdout.exists():
+      result = run_main('--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}', optimized=True)
+      assert result.returncode == 0, result.stderr[-3000:]
+      stdout.write_text(result.stdout)
+  return str(workdir), stdout.read_text()
 
 
 def last_json(stdout):

@@ -114,7 +114,9 @@ def test_a_frozen_network_stays_out_of_the_state_and_gives_the_steps_of_a_zero_l
       np.testing.assert_allclose(float(metrics_a[name]), float(metrics_b[name]), rtol=1e-6)
     assert float(metrics_a['loss/mimic']) > 0
   student = {k: v for k, v in jax.device_get(state_b['params']).items() if k != 'teacher'}
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), jax.device_get(state_a['params']),
+  # Adam divides by sqrt(v): where a gradient is near zero, a last-bit difference between the two programs becomes
+  # ~1% of that weight's update (4 updates of ~2.3e-5 here; measured up to 1.1e-6 at XLA -O0), hence atol 2e-6.
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=2e-6), jax.device_get(state_a['params']),
                student)
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(state_b['params']['teacher']), teacher)  # lr 0: unmoved
   moved = jax.device_get(state_a['params']['mimic_head']['kernel'])
