@@ -263,9 +263,31 @@ def run(config, steps, warmup, compile_only):
       (f'MFU                      {100 * figures["mfu"]:.1f}% of {flop(peak, "/s")} per device ({peak_source})'
        if peak else f'MFU                      n/a: {peak_source}'),
       f'loss                     {figures["loss"]:.4f} (finite: {np.isfinite(figures["loss"])})',
+      *frozen_cost_lines(trainer, batch, steps, step_s, figures),
   ]
   distributed.log('\n'.join(lines))
   return figures
+
+
+def frozen_cost_lines(trainer, batch, steps, step_s, figures):
+  """What each frozen network's own pass costs within the step (`Objective.frozen_forwards`: a teacher's forward
+  on the batch), compiled and timed alone; its share of the step time is an upper bound (XLA overlaps work)."""
+  import jax
+  import numpy as np
+  lines = []
+  for name, forward in trainer.objective.frozen_forwards().items():
+    compiled = jax.jit(forward).lower(trainer.frozen, batch['image']).compile()
+    jax.block_until_ready(compiled(trainer.frozen, batch['image']))
+    times = []
+    for _ in range(steps):
+      start = time.perf_counter()
+      jax.block_until_ready(compiled(trainer.frozen, batch['image']))
+      times.append(time.perf_counter() - start)
+    seconds, flops = float(np.median(times)), compiled.cost_analysis()['flops']
+    figures[f'frozen/{name}'] = dict(s=seconds, flops_per_device=flops)
+    lines.append(f'{name + " forward":<25}{seconds * 1e3:.1f} ms ({100 * seconds / step_s:.0f}% of the step), '
+                 f'{flop(flops)} per device')
+  return lines
 
 
 def main(argv):

@@ -11,7 +11,7 @@ norm or the non-finite check (big_vision's distillation trainer: "we never chang
 checkpoint student here").
 """
 import os
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -26,10 +26,13 @@ class FrozenNetwork(NamedTuple):
   `abstract_params`: a function returning the params the network expects (shapes and dtypes, e.g.
   `lambda: jax.eval_shape(module.init, key, dummy)['params']`); `subtree`: the top-level params entry to take
   from the checkpoint or the file (e.g. 'encoder'; `export import` writes a model's whole params); '' takes all.
+  `adapt`: optional, host params -> the network's, before the check (a teacher's position table resampled
+  to the student's grid).
   """
   field: str
   abstract_params: Callable
   subtree: str = ''
+  adapt: Optional[Callable] = None
 
 
 def config_value(config, field):
@@ -65,6 +68,8 @@ def read(network, config):
     if network.subtree not in params:
       raise ConfigError(f'{where}: the params have no [{network.subtree!r}] entry (they have {sorted(params)})')
     params = params[network.subtree]
+  if network.adapt:
+    params = network.adapt(params)
   expected, found = _flat(network.abstract_params()), _flat(params)
   problems = [f'{key}: missing' for key in expected if key not in found]
   problems += [f'{key}: not expected' for key in found if key not in expected]

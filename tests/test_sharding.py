@@ -19,9 +19,10 @@ from mae_jax import sharding
 STEPS = 5
 MESHES = {'1 device': (1, 1, 1), 'data=8': (8, 1, 8), 'fsdp=8': (1, 8, 8), 'data=2 x fsdp=4': (2, 4, 8)}
 # Every other objective (with its frozen networks) and every downstream task on the three meshes that matter most.
-RUNS = ('gan_mae', 'mimic_mae', 'mage', 'finetune', 'linprobe')
+RUNS = ('gan_mae', 'mimic_mae', 'mage', 'mr_mae', 'finetune', 'linprobe')
 TASKS = ('finetune', 'linprobe')
-CONFIG_RUNS = {'mage': 'mage_tiny_cpu'}  # objectives run from a tiny config of their own (MAGE: its tokenizer)
+# Objectives run from a tiny config of their own (MAGE: its tokenizer; MR-MAE: a random teacher for the MAE demo's).
+CONFIG_RUNS = {'mage': 'mage_tiny_cpu', 'mr_mae': 'mr_mae_tiny_cpu'}
 RUN_MESHES = ('1 device', 'data=8', 'fsdp=8')
 
 
@@ -123,7 +124,7 @@ def test_every_objective_and_task_trains_the_same_on_every_mesh(mesh_results, ru
   for name in RUN_MESHES:
     np.testing.assert_allclose(runs[name]['losses'], reference, rtol=0, atol=1e-5, err_msg=f'{run} {name}')
     assert runs[name]['created_sharded'] and runs[name]['kept_sharding']
-  if run == 'mimic_mae':  # the frozen teacher is placed by the same FSDP rule as the train state
+  if run in ('mimic_mae', 'mr_mae'):  # the frozen teacher is placed by the same FSDP rule as the train state
     assert all('fsdp' in spec for spec in runs['fsdp=8']['frozen_specs'].values())
     assert all('fsdp' not in spec for spec in runs['data=8']['frozen_specs'].values())
 
@@ -198,6 +199,9 @@ def run_config(run, data, fsdp, teacher_file):
     c = importlib.import_module(f'configs.{CONFIG_RUNS.get(run, f"{run}_mae_tiny_cpu")}').get_config()
     c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size_mb=0)
     c.train.num_steps = STEPS
+    if run == 'mr_mae':
+      from test_mr_mae import write_teacher
+      c.mr_mae.teachers.mae.init_from = write_teacher(f'{teacher_file}.mr_mae', 'vit', 'nano/4', c.data.img_size)
     return c
   c = tiny_config(data, fsdp)
   c.objective = run

@@ -14,7 +14,9 @@ Import a PyTorch file into params for a config's model, written as flax msgpack 
 
 Formats: mae-official (facebookresearch/mae MaskedAutoencoderViT), timm-vit (cls-token pooling, `norm`),
 timm-vit-avg (global average pooling, `fc_norm`), mae-finetuned, gan-mae, mage-official (LTH14/mage
-MaskedGenerativeEncoderViT, its VQGAN included), vqgan (MAGE's tokenizer, `vqgan_jax_strongaug.ckpt`). Any key the conversion would lose is an error; known
+MaskedGenerativeEncoderViT, its VQGAN included), vqgan (MAGE's tokenizer, `vqgan_jax_strongaug.ckpt`), and
+the frozen teachers of MR-MAE (import only, no --config: clip-hf, clip-openai, clip-timm, dino;
+mae_jax/export/teachers.py). Any key the conversion would lose is an error; known
 partial files load with --allow_missing=GLOBS (e.g. 'decoder*,mask_token' for the encoder-only releases)
 and unwanted keys are skipped with --ignore=GLOBS (e.g. 'head.*'). `--in` may be a `.pth`/`.pt`, a
 pytorch-lightning `.ckpt` ({'state_dict': ...}) or a `.safetensors` file; what is wrong with a file (not a
@@ -33,7 +35,7 @@ from ml_collections import config_flags
 
 from mae_jax import checkpoint, cli
 from mae_jax import config as config_lib
-from mae_jax.export import engine, tables, torch_export, torch_import
+from mae_jax.export import engine, tables, teachers, torch_export, torch_import
 
 flags.DEFINE_enum('format', 'mae-official', sorted(tables.FORMATS), 'PyTorch layout.')
 flags.DEFINE_string('out', None, 'Output file: .pth or .safetensors (export), .msgpack (import).', required=True)
@@ -64,10 +66,15 @@ def check_arguments(verb):
   if not FLAGS.out.endswith(tuple(extensions)):
     fail(f'--out={FLAGS.out} must end in {" or ".join(extensions)}')
   if verb == 'import':
-    if not FLAGS['in'].value or FLAGS.config is None:
+    teacher = FLAGS.format in tables.TEACHER_FORMATS  # the model comes from the file's shapes
+    if not FLAGS['in'].value or (FLAGS.config is None and not teacher):
       fail('import needs --in=FILE and --config=CONFIG (the model to build)')
     if not os.path.isfile(FLAGS['in'].value):
       fail(f'--in={FLAGS["in"].value} is not a file')
+    if teacher:
+      if FLAGS.config is not None:
+        fail(f'--format={FLAGS.format} is a teacher layout: its model comes from the file, drop --config')
+      return
     try:
       config_lib.validate(FLAGS.config)  # the model to build: a bad value is named before the file is read
     except config_lib.ConfigError as e:
@@ -99,6 +106,8 @@ def main(argv):
     state_dict = torch_export.export_checkpoint(FLAGS.workdir, FLAGS.format, FLAGS.out, FLAGS.step,
                                                 FLAGS.img_size or None, FLAGS.num_classes)
     print(f'wrote {len(state_dict)} tensors in format {FLAGS.format} to {FLAGS.out}')
+  elif FLAGS.format in tables.TEACHER_FORMATS:
+    params = teachers.import_file(FLAGS['in'].value, FLAGS.out, FLAGS.format, FLAGS.allow_missing, FLAGS.ignore)
   else:
     params = torch_import.import_file(FLAGS['in'].value, FLAGS.out, FLAGS.config, FLAGS.format,
                                       FLAGS.allow_missing, FLAGS.ignore)

@@ -22,6 +22,7 @@ KINDS = {  # kind: (jax -> torch, torch -> jax)
     'conv': (lambda k: k.transpose(3, 2, 0, 1), lambda w: w.transpose(2, 3, 1, 0)),  # (p, p, c, D) <-> (D, c, p, p)
     'embedding_table': (lambda t: t[0], lambda w: w[None]),  # a learned (1, L, D) table <-> nn.Embedding (L, D)
     'broadcast_bias': (lambda b: b[None, None], lambda b: b[0, 0]),  # (V,) <-> a (1, 1, V) nn.Parameter
+    'token': (lambda t: t[0, 0], lambda w: w[None, None]),  # a (1, 1, D) cls param <-> CLIP's (D,) class_embedding
 }
 POSITION_KINDS = ('sincos', 'posemb')
 UNUSED = 'unused'
@@ -117,6 +118,45 @@ def _mage():
           *[(jax, torch, UNUSED) for jax, torch in unused]]
 
 
+def _clip_openai():
+  """OpenAI CLIP's `VisionTransformer` (clip.load(jit=False).visual, open_clip's `visual`): the keys without the
+  `visual.` prefix (`mae_jax.export.teachers` strips it). in_proj rows are [q | k | v], like our fused qkv;
+  `proj` is (width, embed) and used as x @ proj, already a flax kernel."""
+  block, torch = 'encoder/blocks_{i}', 'transformer.resblocks.{i}'
+  return [('encoder/cls_token', 'class_embedding', 'token'),
+          ('encoder/pos_embed', 'positional_embedding', 'embedding_table'),
+          ('encoder/patch_embed/proj/kernel', 'conv1.weight', 'conv'),
+          *_norm('encoder/norm_pre', 'ln_pre'),
+          *_norm(f'{block}/norm1', f'{torch}.ln_1'),
+          (f'{block}/attn/qkv/kernel', f'{torch}.attn.in_proj_weight', 'dense'),
+          (f'{block}/attn/qkv/bias', f'{torch}.attn.in_proj_bias', 'copy'),
+          *_linear(f'{block}/attn/proj', f'{torch}.attn.out_proj'),
+          *_norm(f'{block}/norm2', f'{torch}.ln_2'),
+          *_linear(f'{block}/mlp/fc1', f'{torch}.mlp.c_fc'),
+          *_linear(f'{block}/mlp/fc2', f'{torch}.mlp.c_proj'),
+          *_norm('encoder/norm', 'ln_post'),
+          ('encoder/head/kernel', 'proj', 'copy')]
+
+
+def _clip_hf():
+  """HF transformers `CLIPVisionModel` / `CLIPModel` vision keys without the `vision_model.` prefix, with
+  q/k/v fused into one `self_attn.qkv_proj` (`mae_jax.export.teachers` does both); `visual_projection`
+  is `CLIPModel`'s (and `CLIPVisionModelWithProjection`'s)."""
+  block, torch = 'encoder/blocks_{i}', 'encoder.layers.{i}'
+  return [('encoder/cls_token', 'embeddings.class_embedding', 'token'),
+          ('encoder/pos_embed', 'embeddings.position_embedding.weight', 'embedding_table'),
+          ('encoder/patch_embed/proj/kernel', 'embeddings.patch_embedding.weight', 'conv'),
+          *_norm('encoder/norm_pre', 'pre_layrnorm'),  # sic
+          *_norm(f'{block}/norm1', f'{torch}.layer_norm1'),
+          *_linear(f'{block}/attn/qkv', f'{torch}.self_attn.qkv_proj'),
+          *_linear(f'{block}/attn/proj', f'{torch}.self_attn.out_proj'),
+          *_norm(f'{block}/norm2', f'{torch}.layer_norm2'),
+          *_linear(f'{block}/mlp/fc1', f'{torch}.mlp.fc1'),
+          *_linear(f'{block}/mlp/fc2', f'{torch}.mlp.fc2'),
+          *_norm('encoder/norm', 'post_layernorm'),
+          ('encoder/head/kernel', 'visual_projection.weight', 'dense')]
+
+
 FORMATS = {
     # facebookresearch/mae `MaskedAutoencoderViT` (checkpoint-*.pth, mae_pretrain_vit_*[_full].pth,
     # mae_visualize_vit_*.pth); the encoder-only releases are this table with the decoder keys missing.
@@ -140,7 +180,19 @@ FORMATS = {
     # loop's params with the frozen networks: `Trainer.with_frozen`); import takes --ignore='vqgan.*' (the
     # tokenizer is imported on its own, --format=vqgan). MAGE-C's contrastive_head is not in the layout.
     'mage-official': _mage(),
+    # The frozen teachers of MR-MAE / MaskAlign (`mae_jax.models.teachers`), imported with
+    # `python -m mae_jax.export import --format=... --in=FILE --out=teacher.msgpack` (no --config: the shapes come
+    # from the file). OpenAI CLIP / open_clip state dicts; HF CLIPVisionModel / CLIPModel model.safetensors;
+    # timm `vit_base_patch16_clip_224.openai` (its zero `head.bias` is checked and dropped: our projection has
+    # none); DINO's `dino_vitbase16_pretrain.pth` and timm's `vit_base_patch16_224.dino` (the same keys).
+    'clip-openai': _clip_openai(),
+    'clip-hf': _clip_hf(),
+    'clip-timm': [(jax, torch, kind) for jax, torch, kind in _encoder('posemb') if 'patch_embed/proj/bias' not in jax]
+                 + _norm('encoder/norm_pre', 'norm_pre') + [('encoder/head/kernel', 'head.weight', 'dense'),
+                                                            ('encoder/head/bias', 'head.bias', UNUSED)],
+    'dino': _encoder('posemb'),
 }
+TEACHER_FORMATS = {'clip-openai': 'clip', 'clip-hf': 'clip', 'clip-timm': 'clip', 'dino': 'dino'}  # format: arch
 
 
 def scope(fmt):

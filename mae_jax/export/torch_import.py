@@ -96,6 +96,13 @@ def _torch_load(path, data, kind):
     except zipfile.BadZipFile:
       raise UnreadableFileError(f'{path} is a damaged torch.save archive: its zip directory is missing or unreadable '
                                 '(truncated or corrupt); copy or download it again') from None
+    if any(name.endswith('/constants.pkl') for name in names):  # torch.jit.save's, not torch.save's
+      raise UnsafeFileError(
+          f'{path} is a TorchScript archive (e.g. OpenAI CLIP\'s ViT-B-16.pt): loading it runs its code, which '
+          'mae_jax never does. Import the same weights from a state dict instead: HF openai/clip-vit-base-patch16 '
+          "model.safetensors (--format=clip-hf), or, where the file is trusted, convert it once with "
+          "`python -c \"import clip, torch; m, _ = clip.load('ViT-B-16.pt', device='cpu', jit=False); "
+          "torch.save(m.state_dict(), 'clip_vitb16.pth')\"` and import that (--format=clip-openai)")
     if not any(name.endswith('/data.pkl') for name in names):
       raise UnreadableFileError(f'{path} is a zip archive but not a torch.save file (no data.pkl among '
                                 f'{names[:5]})')

@@ -126,11 +126,12 @@ class PatchEmbed(nn.Module):
   patch_size: int
   width: int
   dtype: Any = jnp.float32
+  use_bias: bool = True  # CLIP's conv1 has none
 
   @nn.compact
   def __call__(self, images):
     p = self.patch_size
-    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+    x = nn.Conv(self.width, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype, use_bias=self.use_bias,
                 kernel_init=patch_kernel_init, bias_init=torch_default_bias_init(p * p * images.shape[-1]),
                 name='proj')(images)
     n, h, w, d = x.shape
@@ -173,16 +174,25 @@ class Attention(nn.Module):
     return nn.Dropout(self.proj_dropout)(out, deterministic)
 
 
+def quick_gelu(x):
+  """OpenAI CLIP's activation, x * sigmoid(1.702 x)."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {'gelu': lambda x: nn.gelu(x, approximate=False), 'quick_gelu': quick_gelu}
+
+
 class Mlp(nn.Module):
   hidden_dim: int
   dropout: float = 0.0
   dtype: Any = jnp.float32
+  act: str = 'gelu'  # a key of ACTIVATIONS
 
   @nn.compact
   def __call__(self, x, deterministic):
     dim = x.shape[-1]
     x = nn.Dense(self.hidden_dim, dtype=self.dtype, kernel_init=dense_init, name='fc1')(x)
-    x = nn.gelu(x, approximate=False)
+    x = ACTIVATIONS[self.act](x)
     x = nn.Dropout(self.dropout)(x, deterministic)
     x = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='fc2')(x)
     return nn.Dropout(self.dropout)(x, deterministic)
@@ -199,25 +209,28 @@ class Block(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   attn_dropout: float = 0.0
+  norm_eps: float = 1e-6
+  act: str = 'gelu'
 
   @nn.compact
   def __call__(self, x, train=False):
     deterministic = not train
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
+    y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm1')(x)
     y = Attention(self.num_heads, self.dtype, self.attn_dropout, self.dropout, name='attn')(y, deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x)
-    y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dropout, self.dtype, name='mlp')(y, deterministic)
+    y = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype, name='norm2')(x)
+    y = Mlp(int(x.shape[-1] * self.mlp_ratio), self.dropout, self.dtype, self.act, name='mlp')(y, deterministic)
     return x + DropPath(self.drop_path)(y, deterministic)
 
 
-def make_blocks(depth, num_heads, mlp_ratio, drop_path_rate, dropout, dtype, remat, attn_dropout=0.0):
+def make_blocks(depth, num_heads, mlp_ratio, drop_path_rate, dropout, dtype, remat, attn_dropout=0.0, norm_eps=1e-6,
+                act='gelu'):
   """`depth` blocks with drop-path rates linearly spaced from 0, optionally rematerialised (`remat`: False,
   True or a REMAT_POLICIES name)."""
   policy = REMAT_POLICIES[remat if isinstance(remat, str) else 'full']
   block = nn.remat(Block, static_argnums=(2,), policy=policy) if remat else Block
   rates = np.linspace(0.0, drop_path_rate, depth) if depth else []
-  return [block(num_heads, mlp_ratio, float(rate), dropout, dtype, attn_dropout) for rate in rates]
+  return [block(num_heads, mlp_ratio, float(rate), dropout, dtype, attn_dropout, norm_eps, act) for rate in rates]
 
 
 class ViT(nn.Module):
@@ -231,6 +244,10 @@ class ViT(nn.Module):
   MAGE's encoder is BERT's embedding over VQGAN ids: `stem='tokens'` with `prefix_ids=1` (the first input
   id is a real token, the fake class id, not a cls param: it has the first row of the learned table and is
   always kept), `norm_embeddings` (LayerNorm eps 1e-6) and `embed_dropout` after the position embedding.
+
+  The frozen teachers (`mae_jax.models.teachers`) are options too: CLIP's tower is `patch_bias=False`,
+  `pre_norm` (its ln_pre, over the cls token as well), `norm_eps=1e-5`, `act='quick_gelu'` and a bias-free
+  `head` (its projection) on the cls token; DINO's is timm's ViT with a learned table.
   """
   img_size: int = 224
   patch_size: int = 16
@@ -253,6 +270,11 @@ class ViT(nn.Module):
   pool: str = 'none'  # 'cls': token 0 after `norm`; 'gap': `fc_norm` of the mean patch token, no `norm`
   num_classes: int = 0
   head_init_std: float = 2e-5
+  head_bias: bool = True
+  patch_bias: bool = True
+  pre_norm: bool = False  # LayerNorm `norm_pre` over every token before the blocks (CLIP's ln_pre; timm's names)
+  norm_eps: float = 1e-6  # of every LayerNorm but embed_norm
+  act: str = 'gelu'  # the MLPs' activation, a key of ACTIVATIONS
 
   @property
   def grid_size(self):
@@ -280,13 +302,15 @@ class ViT(nn.Module):
       problems.append(f"pool {self.pool!r}: expected 'none', 'gap' or 'cls' (which needs the cls token)")
     if self.num_classes and self.pool == 'none':
       problems.append(f'a head of {self.num_classes} classes needs pooled features: set pool')
+    if self.act not in ACTIVATIONS:
+      problems.append(f'act {self.act!r}: expected one of {sorted(ACTIVATIONS)}')
     if problems:
       raise ValueError('ViT: ' + '; '.join(problems))
 
   def setup(self):
     self._check_options()
     if self.stem == 'patch':
-      self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype)
+      self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype, self.patch_bias)
     else:
       self.token_embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, embedding_init=token_init)
     # Created first among the top-level params: the rng each one draws depends on the order.
@@ -299,15 +323,17 @@ class ViT(nn.Module):
     if self.norm_embeddings:
       self.embed_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
     self.embed_drop = nn.Dropout(self.embed_dropout)
+    if self.pre_norm:
+      self.norm_pre = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
     self.blocks = make_blocks(self.depth, self.num_heads, self.mlp_ratio, self.drop_path_rate, self.dropout,
-                              self.dtype, self.remat, self.attn_dropout)
+                              self.dtype, self.remat, self.attn_dropout, self.norm_eps, self.act)
     if self.pool == 'gap':
-      self.fc_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+      self.fc_norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
     else:
-      self.norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)
+      self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
     if self.num_classes:
       self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=timm_trunc_normal(self.head_init_std),
-                           bias_init=nn.initializers.zeros)
+                           bias_init=nn.initializers.zeros, use_bias=self.head_bias)
 
   def __call__(self, inputs, ids_keep: Optional[jax.Array] = None, train: bool = False):
     """inputs: images (N, H, W, C) or token ids (N, prefix_ids + L); ids_keep: optional (N, K) patch indices
@@ -315,6 +341,7 @@ class ViT(nn.Module):
 
     Returns a dict (jit drops what the caller does not use):
       embedded: (N, prefix_ids + L, D) stem + position (+ embed_norm, dropout), every token, before the selection.
+      block_input: the first block's input, (N, prefix + K, D) (after norm_pre; HF's hidden_states[0]).
       blocks: each block's output tokens, (N, prefix + K, D).
       pre_norm: the last block's output.
       tokens: `norm(pre_norm)`; absent with pool='gap'.
@@ -334,6 +361,9 @@ class ViT(nn.Module):
     if self.cls_token:
       cls = jnp.broadcast_to(self.cls + self.pos_embed[:, :1], (x.shape[0], 1, self.width))
       x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
+    if self.pre_norm:
+      x = self.norm_pre(x)
+    out['block_input'] = x
     blocks = []
     for block in self.blocks:
       x = block(x, train)

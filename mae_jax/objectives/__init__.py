@@ -6,12 +6,15 @@ module plus one line here: no shared config file changes.
 from mae_jax.objectives.gan_mae import GANMAE
 from mae_jax.objectives.mae import MAE
 from mae_jax.objectives.mage import MAGE
+from mae_jax.objectives.mr_mae import MRGANMAE, MRMAE
 from mae_jax.objectives.vqgan import VQGANTokenizer
 
 OBJECTIVES = {
     'mae': MAE,
     'gan_mae': GANMAE,
     'mage': MAGE,
+    'mr_mae': MRMAE,
+    'mr_gan_mae': MRGANMAE,
     'vqgan': VQGANTokenizer,
 }
 

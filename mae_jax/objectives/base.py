@@ -47,6 +47,11 @@ class Objective(abc.ABC):
     train state: not differentiated, not in the optimizer state, not checkpointed."""
     return {}
 
+  def frozen_forwards(self):
+    """{name: fn(params with the frozen networks, images)}: the pass a step makes through each frozen network
+    (a teacher's forward), for `mae_jax.bench` to cost on its own; {} (the default): none reported."""
+    return {}
+
   def init_collections(self, rng):
     """Mutable collections ({'batch_stats': ...} of BatchNorm layers) kept in the train state and its
     checkpoints; {} (the default) for none. Objectives with some override `loss_with_collections`."""

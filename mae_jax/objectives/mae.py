@@ -72,13 +72,21 @@ class MAE(Objective):
   def sample_noise(self, example_keys):
     return masking.example_noise(example_keys, self.encoder.num_patches)
 
-  def forward(self, params, images, noise, rng=None, train=False):
-    """The reference's `forward` without the loss: (predictions (N, L, p*p*3), mask (N, L))."""
+  def encode(self, params, images, noise, rng=None, train=False):
+    """The encoder on the visible patches: (its tokens (N, 1 + K, D) after the final norm, the `masking.Masking`)."""
     rngs = {'dropout': rng} if rng is not None else {}
     m = self.random_masking(noise)
-    latent = self.encoder.apply({'params': params['encoder']}, images, m.ids_keep, train, rngs=rngs)['tokens']
-    pred = self.decoder.apply({'params': params['decoder']}, latent, m.ids_restore, train, rngs=rngs)
-    return pred, m.mask
+    return self.encoder.apply({'params': params['encoder']}, images, m.ids_keep, train, rngs=rngs)['tokens'], m
+
+  def decode(self, params, latent, ids_restore, rng=None, train=False):
+    """The decoder's prediction of every patch, (N, L, p*p*3)."""
+    rngs = {'dropout': rng} if rng is not None else {}
+    return self.decoder.apply({'params': params['decoder']}, latent, ids_restore, train, rngs=rngs)
+
+  def forward(self, params, images, noise, rng=None, train=False):
+    """The reference's `forward` without the loss: (predictions (N, L, p*p*3), mask (N, L))."""
+    latent, m = self.encode(params, images, noise, rng, train)
+    return self.decode(params, latent, m.ids_restore, rng, train), m.mask
 
   def loss_fn(self, params, batch, rng, train=True):
     images = batch['image']
