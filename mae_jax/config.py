@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 
 def base_config():
   from mae_jax import objectives, optim, tasks  # late: they import this module
+  from mae_jax.objectives import mage_generation
   c = ml_collections.ConfigDict()
   c.task = 'pretrain'      # what the one loop runs (mae_jax/tasks.py): pretrain | finetune | linprobe | tokenizer
   c.objective = 'mae'
@@ -109,6 +110,9 @@ def base_config():
       knn_temperature=0.07,
       knn_batch_size=256,
       knn_bank_size=0,         # training images in the kNN bank, evenly spaced; 0 = the whole split
+      # 'fid' (MAGE): FID/IS of num_images samples (decoded with num_iter, choice_temperature, temperature)
+      # against reference statistics, with the FID Inception's weights file; needs no eval split
+      fid=mage_generation.FidEvaluator.default_config(),
   ))
   return c
 

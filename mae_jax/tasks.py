@@ -14,6 +14,7 @@ from mae_jax.data import mixup, transforms
 from mae_jax.evaluate.classification import ClassificationEvaluator
 from mae_jax.evaluate.knn import KnnEvaluator
 from mae_jax.evaluate.reconstruction import ReconstructionEvaluator
+from mae_jax.objectives import mage_generation
 
 
 class Task:
@@ -54,18 +55,24 @@ class Task:
     return batch
 
   def build_evaluators(self, model, train_source, mesh):
-    """The evaluators that `config.eval.evaluators` names, on the labelled split (none without one)."""
+    """The evaluators that `config.eval.evaluators` names; those that read the labelled split only with one."""
     eval_source = data.eval_source(self.config)
-    if eval_source is None:
-      return {}
     return {name: self.evaluators[name](self.config, model, train_source, eval_source, mesh)
-            for name in self.config.eval.evaluators}
+            for name in self.config.eval.evaluators
+            if eval_source is not None or not self.evaluators[name].needs_eval_split}
 
 
 class Pretrain(Task):
-  """Self-supervised pretraining with `config.objective`, watched by a kNN monitor on frozen features."""
-  evaluators = {'knn': KnnEvaluator}
+  """Self-supervised pretraining with `config.objective`, watched by a kNN monitor on frozen features and, for a
+  generative objective (MAGE), if asked, by the FID and IS of its samples ('fid', config.eval.fid)."""
+  evaluators = {'knn': KnnEvaluator, 'fid': mage_generation.FidEvaluator}
   start_label = 'random init'
+
+  @classmethod
+  def validate(cls, config):
+    super().validate(config)
+    if 'fid' in config.eval.evaluators:
+      mage_generation.FidEvaluator.validate(config, config.task)
 
   @property
   def title(self):

@@ -26,7 +26,7 @@ from mae_jax import config as config_lib
 from mae_jax.config import ConfigError
 
 PROGRAMS = {'mae_jax.main': 'mae_jax', 'mae_jax.export': 'mae_jax.export', 'mae_jax.bench': 'mae_jax.bench',
-            'mae_jax.evaluate.fid': 'mae_jax.evaluate.fid'}
+            'mae_jax.evaluate.fid': 'mae_jax.evaluate.fid', 'mae_jax.generate': 'mae_jax.generate'}
 
 
 def documented_commands():
@@ -116,6 +116,16 @@ def variants(module, args, root):
   if module == 'mae_jax.evaluate.fid':  # argparse's own one-line errors; no config
     return [('a stray argument', [*args, 'stray'], 'unrecognized arguments: stray', {}, False),
             ('as documented, its folders missing', args, 'is not a folder', {}, True)]
+  if module == 'mae_jax.generate':
+    missing = (f'--workdir={flag(args, "workdir")} does not exist' if flag(args, 'workdir') else
+               f'--init_from={flag(args, "init_from")} is not a file')
+    return per_config + once + [
+        ('as documented, its model missing', args, missing, {}, True),
+        ('a value out of range', [*args, '--num_iter=0'], '--num_iter=0 is out of range', {}, False),
+        ('a value of the wrong type', [*args, '--num_images=x'], 'flag --num_images=x: invalid literal for int()', {},
+         False),
+        ('no --out', without(args, 'out'), 'Flag --out must have a value other than None', {}, False),
+    ]
   if module == 'mae_jax.bench':
     return per_config + once + [
         ('a value out of range', [*args, '--steps=0'], '--steps=0 must be >= 1', {}, False),

@@ -1,4 +1,4 @@
-"""The one interface of every evaluator (kNN today; top-1/top-5 classification and FID/IS next).
+"""The one interface of every evaluator (kNN, top-1/top-5 classification, FID/IS).
 
 An evaluator is built once by its task from the config, runs sharded on every host (each host feeds its
 slice of each batch; the results are replicated), and returns named scalars that the loop writes to
@@ -9,6 +9,7 @@ import abc
 
 class Evaluator(abc.ABC):
   every_steps = 0  # also every this many steps during training; 0: only before training and at the end
+  needs_eval_split = True  # built only when config.data.eval_split names one (FID scores samples: it does not)
 
   @abc.abstractmethod
   def __call__(self, params):
