@@ -40,6 +40,7 @@ class Task:
     for name in config.eval.evaluators:
       require(name in cls.evaluators, f'config.eval.evaluators: {name!r} is not an evaluator of '
               f'task {config.task!r} (choose from {sorted(cls.evaluators)})')
+      cls.evaluators[name].validate(config, config.task)
 
   def build_model(self, num_classes=None):
     """The model the loop trains (the `Objective` seam); `num_classes`: a classifier's, when known (export)."""
@@ -67,12 +68,6 @@ class Pretrain(Task):
   generative objective (MAGE), if asked, by the FID and IS of its samples ('fid', config.eval.fid)."""
   evaluators = {'knn': KnnEvaluator, 'fid': mage_generation.FidEvaluator}
   start_label = 'random init'
-
-  @classmethod
-  def validate(cls, config):
-    super().validate(config)
-    if 'fid' in config.eval.evaluators:
-      mage_generation.FidEvaluator.validate(config, config.task)
 
   @property
   def title(self):
