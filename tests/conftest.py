@@ -151,6 +151,7 @@ def demo_run(tmp_path_factory, worker_id):
   workdir, stdout = root / 'demo' / 'mae_tiny', root / 'demo' / 'stdout.txt'
   with filelock.FileLock(str(root / 'demo.lock')):
     if not stdout.exists():
+      workdir.parent.mkdir(exist_ok=True)
       result = run_main('--config=configs/mae_tiny_cpu.py', f'--workdir={workdir}', optimized=True)
       assert result.returncode == 0, result.stderr[-3000:]
       stdout.write_text(result.stdout)
