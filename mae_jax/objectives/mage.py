@@ -227,9 +227,13 @@ class MAGE(Objective):
     ids = self.tokenizer.apply({'params': tokenizer_params}, pixels, method=vqgan.VQGAN.encode)
     return jax.lax.stop_gradient(ids)
 
+  def decode_pixels(self, tokenizer_params, ids):
+    """Ids (N, L) -> [0, 1] images (N, H, W, 3), the VQGAN's decoding of the exact codebook rows."""
+    return self.tokenizer.apply({'params': tokenizer_params}, ids, method=vqgan.VQGAN.decode)
+
   def detokenize(self, tokenizer_params, ids):
     """Ids (N, L) -> config.data-normalised images, the VQGAN's decoding."""
-    images = self.tokenizer.apply({'params': tokenizer_params}, ids, method=vqgan.VQGAN.decode)
+    images = self.decode_pixels(tokenizer_params, ids)
     d = self.config.data
     return (images - jnp.asarray(d.mean, jnp.float32)) / jnp.asarray(d.std, jnp.float32)
 
@@ -247,15 +251,24 @@ class MAGE(Objective):
     Returns {'logits' (N, 1 + L, vocab) fp32, 'masked' (N, L) bool, 'dropped' (N, L) bool, 'latent' (N, K, D)
     the encoder's output at the kept positions (the fake-class token first)}.
     """
-    rngs = {'dropout': rng} if rng is not None else {}
     ids_keep, dropped, masked = token_masks(noise, self.num_dropped, num_masked_tokens(ids.shape[1], mask_ratio))
-    inputs = self.with_fake_class(jnp.where(masked, self.mask_id, ids))
-    latent = self.encoder.apply({'params': params['encoder']}, inputs, ids_keep, train, rngs=rngs)['tokens']
-    never = jnp.zeros((ids.shape[0], 1), bool)  # position 0 is always kept, never masked
+    latent, logits = self.predict(params, jnp.where(masked, self.mask_id, ids), masked, ids_keep, dropped, train,
+                                  rng)
+    return {'logits': logits, 'masked': masked, 'dropped': dropped, 'latent': latent}
+
+  def predict(self, params, tokens, masked, ids_keep=None, dropped=None, train=False, rng=None):
+    """The encoder and decoder over `tokens` (N, L) ([MASK] at `masked`), the fake-class token put first; the
+    encoder sees the positions `ids_keep` (N, K) of `tokens` (every one when None; the fake class always, in
+    front), the decoder pads the `dropped` (N, L) ones. Returns (latent (N, K, D), logits (N, 1 + L, vocab) fp32)."""
+    rngs = {'dropout': rng} if rng is not None else {}
+    dropped = jnp.zeros_like(masked) if dropped is None else dropped
+    latent = self.encoder.apply({'params': params['encoder']}, self.with_fake_class(tokens), ids_keep, train,
+                                rngs=rngs)['tokens']
+    never = jnp.zeros((tokens.shape[0], 1), bool)  # position 0 is always kept, never masked
     logits = self.decoder.apply({'params': params['decoder']}, latent, jnp.concatenate([~never, ~dropped], 1),
                                 jnp.concatenate([never, masked], 1), params['encoder']['token_embed']['embedding'],
                                 train, rngs=rngs)
-    return {'logits': logits, 'masked': masked, 'dropped': dropped, 'latent': latent}
+    return latent, logits
 
   def loss_fn(self, params, batch, rng, train=True):
     ratio_rng, rng = jax.random.split(rng)

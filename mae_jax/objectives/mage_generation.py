@@ -30,7 +30,7 @@ import numpy as np
 from mae_jax import objectives, sharding
 from mae_jax.config import require
 from mae_jax.evaluate import fid
-from mae_jax.models import masking, vqgan
+from mae_jax.models import masking
 from mae_jax.objectives.mage import MAGE
 
 DEFAULTS = dict(num_iter=20, choice_temperature=6.0, temperature=1.0)  # the README's (the script's: 12 and 4.5)
@@ -51,11 +51,7 @@ def choice_temperatures(choice_temperature, num_iter):
 def token_logits(model, params, tokens, temperature=1.0):
   """(N, L, codebook) fp32 logits of every position of `tokens` (N, L) ([MASK] where unknown): the full encoder
   (no token dropped) and decoder, in inference mode."""
-  inputs = model.with_fake_class(tokens)
-  masked = inputs == model.mask_id
-  latent = model.encoder.apply({'params': params['encoder']}, inputs)['tokens']
-  logits = model.decoder.apply({'params': params['decoder']}, latent, jnp.ones_like(masked), masked,
-                               params['encoder']['token_embed']['embedding'])
+  _, logits = model.predict(params, tokens, tokens == model.mask_id)
   return logits[:, 1:, :model.codebook_size] / temperature
 
 
@@ -106,17 +102,12 @@ def decode(model, params, tokens, keys, num_iter, choice_temperature, temperatur
   return jax.lax.fori_loop(0, num_iter, body, (tokens, tokens))[1]
 
 
-def to_pixels(model, params, ids):
-  """Ids (N, L) -> [0, 1] images (N, H, W, 3), the VQGAN's decoding of the exact codebook rows."""
-  return model.tokenizer.apply({'params': params['tokenizer']}, ids, method=vqgan.VQGAN.decode)
-
-
 def generate(model, params, keys, num_iter=20, choice_temperature=6.0, temperature=1.0):
   """Unconditional samples of images `keys` (N,), every token [MASK] at the start: ([0, 1] images (N, H, W, 3),
   their ids (N, L))."""
   tokens = jnp.full((keys.shape[0], model.num_tokens), model.mask_id, jnp.int32)
   ids = decode(model, params, tokens, keys, num_iter, choice_temperature, temperature)
-  return to_pixels(model, params, ids), ids
+  return model.decode_pixels(params['tokenizer'], ids), ids
 
 
 # --------------------------------------------------------------------------------------------------- editing
@@ -163,7 +154,7 @@ def edit(model, params, pixels, masked, keys, num_iter, choice_temperature, temp
   ids = model.tokenize(params['tokenizer'], seen)
   known = jnp.where(masked, model.mask_id, ids)
   out = decode(model, params, known, keys, num_iter, choice_temperature, temperature)
-  return {'input': pixels, 'mask': seen * (1 - shown) + 0.5 * shown, 'output': to_pixels(model, params, out),
+  return {'input': pixels, 'mask': seen * (1 - shown) + 0.5 * shown, 'output': model.decode_pixels(params['tokenizer'], out),
           'ids': out, 'known': known}
 
 
