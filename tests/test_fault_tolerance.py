@@ -128,6 +128,7 @@ def test_a_nan_batch_is_skipped_and_counted(tmp_path):
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
+@pytest.mark.slow
 def test_a_nan_batch_stops_the_run_naming_the_step(tmp_path):
   result = run_with_nan('--config.train.num_steps=20', '--config.train.on_nonfinite=stop', f'--workdir={tmp_path}/w')
   assert result.returncode == 1

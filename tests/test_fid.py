@@ -248,6 +248,7 @@ def command_metrics(folders, weights_file):
   return _metrics(result.stdout)
 
 
+@pytest.mark.slow
 def test_command_smoke(command_metrics):
   assert all(np.isfinite(v) for v in command_metrics.values())
   assert command_metrics['frechet_inception_distance'] > 1 and command_metrics['inception_score_mean'] > 1.01

@@ -314,7 +314,7 @@ def test_short_tiny_training_run_has_finite_losses():
   assert isinstance(trainer.objective, GANMAE)
 
 
-@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+@pytest.mark.parametrize('suffix', [pytest.param('.pth', marks=pytest.mark.slow), '.safetensors'])
 def test_gan_mae_exports_with_its_discriminator_head_and_round_trips_bitwise(tmp_path, suffix):
   pytest.importorskip('torch')
   from mae_jax import export  # pylint: disable=g-import-not-at-top

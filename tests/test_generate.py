@@ -76,9 +76,9 @@ def torch_gen_image(model, tokens, num_iter, choice_temperature, noise):
   return records
 
 
-def decoding_parity(config, batch, num_iter, choice_temperature, seed=0):
-  """Per step (max |d confidence|, sampled ids equal, re-masked sets equal), the JAX and torch final ids, the
-  number of tokens each step revealed."""
+def decoding_parity(config, batch, num_iter, choice_temperature, seed=0, whole=True):
+  """Per step (max |d confidence|, sampled ids equal, re-masked sets equal), the JAX (None unless `whole`: the
+  jitted loop run through) and torch final ids, the number of tokens each step revealed."""
   model = objectives.create(config)
   params = random_params(model, seed)
   torch_model = torch_mage(model)
@@ -101,18 +101,22 @@ def decoding_parity(config, batch, num_iter, choice_temperature, seed=0):
     assert (finite == np.isfinite(out['confidence'])).all()
     steps.append((float(np.abs(out['confidence'][finite] - record['confidence'][finite]).max()),
                   bool((out['sampled'] == record['sampled']).all()), bool((out['masking'] == record['masking']).all())))
-  ids = jax.jit(lambda p: generation.decode(model, p, jnp.asarray(start), keys, num_iter, choice_temperature))(params)
+  decode = jax.jit(lambda p: generation.decode(model, p, jnp.asarray(start), keys, num_iter, choice_temperature))
+  ids = np.asarray(decode(params)) if whole else None
   revealed = [int((r['tokens'] == model.mask_id).sum() - r['masking'].sum()) // batch for r in records]
-  return steps, np.asarray(ids), records[-1]['sampled'], revealed
+  return steps, ids, records[-1]['sampled'], revealed
 
 
 def check_parity(steps, ids, torch_ids, name):
+  """Every step equal; and the whole run's ids, when there is one."""
   worst = max(s[0] for s in steps)
+  whole = '' if ids is None else f'; whole run ids equal: {bool((ids == torch_ids).all())}'
   print(f'{name} decoding vs the PyTorch reference loop, {len(steps)} steps: max |d confidence| {worst:.2e}; sampled '
-        f'ids equal at {sum(s[1] for s in steps)}/{len(steps)} steps, re-masked sets at {sum(s[2] for s in steps)}; '
-        f'whole run ids equal: {bool((ids == torch_ids).all())}')
+        f'ids equal at {sum(s[1] for s in steps)}/{len(steps)} steps, re-masked sets at {sum(s[2] for s in steps)}'
+        + whole)
   assert worst < 1e-4 and all(s[1] and s[2] for s in steps)
-  np.testing.assert_array_equal(ids, torch_ids)
+  if ids is not None:
+    np.testing.assert_array_equal(ids, torch_ids)
 
 
 def test_tiny_decoding_matches_the_reference_loop_step_by_step_and_whole():
@@ -124,7 +128,9 @@ def test_tiny_decoding_matches_the_reference_loop_step_by_step_and_whole():
 
 @pytest.mark.slow
 def test_vitb_decoding_matches_the_reference_loop_step_by_step():
-  steps, ids, torch_ids, _ = decoding_parity(load_config('mage_vitb'), batch=2, num_iter=12, choice_temperature=4.5)
+  """Step-wise at ViT-B over a 4-step schedule (first, middle and last steps; the whole loop is the tiny test's)."""
+  steps, ids, torch_ids, _ = decoding_parity(load_config('mage_vitb'), batch=2, num_iter=4, choice_temperature=4.5,
+                                             whole=False)
   check_parity(steps, ids, torch_ids, 'ViT-B')
 
 
@@ -154,6 +160,7 @@ def worker_meshes():
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_the_same_seed_gives_the_same_images_on_any_mesh():
   out = run_worker(__file__, 'meshes', num_devices=8, timeout=600)
@@ -252,8 +259,7 @@ def test_pretraining_with_fid_then_generating_and_editing_from_the_workdir(tmp_p
   run_cli('generate', f'--workdir={workdir}', f'--out={out / "gen"}', '--num_images=3', '--num_iter=4', check=True)
   assert len(os.listdir(out / 'gen')) == 3
   image = reference / '00000.png'
-  for edit, extra in (('inpaint', '--box=8,8,24,24'), ('outpaint', '--box=4,4,28,28'),
-                      ('reconstruct', '--mask_ratio=0.5')):
+  for edit, extra in (('inpaint', '--box=8,8,24,24'), ('reconstruct', '--mask_ratio=0.5')):  # outpaint: box masks
     run_cli('generate', f'--workdir={workdir}', f'--out={out / edit}', f'--{edit}={image}', extra, '--num_images=2',
             '--num_iter=4', check=True)
     panel = read_png(out / edit / 'panel_00001.png')

@@ -83,6 +83,7 @@ def test_the_lock_is_atomic_released_and_a_dead_runs_lock_is_taken_over(tmp_path
 
 # --- item 4: on_nonfinite=stop stops within a log interval ------------------------------------------------------
 
+@pytest.mark.slow
 def test_on_nonfinite_stop_stops_at_the_next_log_step(tmp_path):
   workdir = str(tmp_path / 'w')
   result = run_python(['-c', INJECT_NAN, *QUICK, '--config.train.num_steps=40', '--config.log.every_steps=2',
@@ -109,6 +110,7 @@ def copy_of(workdir, tmp_path):
   return str(tmp_path / 'run')
 
 
+@pytest.mark.slow
 def test_resuming_with_a_meaning_changing_config_is_refused_unless_allowed(ten_steps, tmp_path):
   workdir = copy_of(ten_steps, tmp_path)
   changed = [*QUICK, '--config.train.num_steps=20', '--config.train.blr=0.003', '--config.mae.mask_ratio=0.5',
@@ -123,6 +125,7 @@ def test_resuming_with_a_meaning_changing_config_is_refused_unless_allowed(ten_s
           'train.num_steps: 10 -> 20') in result.stdout
 
 
+@pytest.mark.slow
 def test_harmless_changes_are_listed_and_a_finished_run_says_so(ten_steps, tmp_path):
   workdir = copy_of(ten_steps, tmp_path)
   result = run_main(*QUICK, '--config.train.num_steps=10', '--config.log.every_steps=2', f'--workdir={workdir}')
@@ -272,6 +275,7 @@ def test_logging_and_other_values_are_validated(override, message):
 # --- item 2: checksums ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_bit_flipped_checkpoint_is_set_aside_for_the_previous_one(ten_steps, tmp_path):
   workdir = copy_of(ten_steps, tmp_path)
   latest = os.path.join(checkpoint.directory(workdir), '10')
@@ -323,6 +327,7 @@ def test_an_image_folder_walk_skips_loops_outside_links_fifos_and_warns_about_em
 # --- item 8: the export/import commands: one line, the right exit code --------------------------------------------
 
 
+@pytest.mark.slow
 def test_export_and_import_errors_are_one_line(ten_steps, tmp_path):
   from conftest import run_cli
   (tmp_path / 'empty').mkdir()

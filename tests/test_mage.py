@@ -522,6 +522,7 @@ def test_the_tiny_config_trains_from_the_command_line(tmp_path):
   assert [r['step'] for r in records] == [3, 6] and all(0.5 <= r['mage/mask_ratio'] <= 1 for r in records)
 
 
+@pytest.mark.slow
 def test_bench_times_a_config_whose_tokenizer_is_not_imported_yet():
   out = run_cli('bench', '--config=configs/mage_tiny_cpu.py', '--config.model.variant=pico/4',
                 '--config.mage.tokenizer=/nonexistent/vqgan.msgpack', '--per_device_batch=8', '--steps=2', '--warmup=1',
