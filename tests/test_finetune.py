@@ -141,11 +141,14 @@ def pretrained(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('task', ['finetune', 'linprobe'])
-def test_the_pretrained_encoder_beats_random_init_downstream(tmp_path, pretrained, task):
+@pytest.mark.parametrize('task,epochs', [('finetune', 8), ('linprobe', 4)])
+def test_the_pretrained_encoder_beats_random_init_downstream(tmp_path, pretrained, task, epochs):
+  """The README's downstream commands at 2/5 of their epochs (20 and 10 there), to keep CI short. Measured:
+  fine-tuning 0.6167 pretrained vs 0.3500 random, the probe 0.4933 vs 0.4033."""
   runs = {}
   for arm, extra in (('pretrained', [f'--config.init_from={pretrained}']), ('random', [])):
-    result = run_main(f'--config=configs/{task}_mae_tiny_cpu.py', f'--workdir={tmp_path / arm}', *extra, optimized=True)
+    result = run_main(f'--config=configs/{task}_mae_tiny_cpu.py', f'--workdir={tmp_path / arm}',
+                      f'--config.train.epochs={epochs}', *extra, optimized=True)
     assert result.returncode == 0, result.stderr[-3000:]
     runs[arm] = final_top1(result.stdout)
     assert os.listdir(tmp_path / arm / 'checkpoints_best')  # the best top-1 kept beside the latest
