@@ -31,6 +31,7 @@ subprocess, and prints both images/s and their ratio. `--asymmetry` (MAE family)
 again with the encoder on every patch (none dropped; the decoder and the loss as configured), the compute of
 the MAE paper's Table 2 baseline, and prints the ratios of step time and FLOPs. docs/performance.md has figures.
 """
+import functools
 import os
 import time
 
@@ -107,6 +108,7 @@ def device_peak_flops(device):
   return None, f'unknown device kind {device.device_kind!r}: add it to PEAK_TFLOPS'
 
 
+@functools.cache  # once per process: --asymmetry's second run reads the same peak
 def measure_matmul_flops(device, n=2048, repeats=20):
   """The best float32 FLOP/s of an n x n matmul on `device` (a CPU's practical peak; 20 tries of ~50 ms: a
   shared host's speed varies from one moment to the next)."""
@@ -141,8 +143,8 @@ class SyntheticLoader:
   def local_batch(self, step):
     import numpy as np
     rng = np.random.default_rng(step)
-    image, label = batch_shapes(self.local_batch_size, self.img_size).values()
-    return {'image': rng.standard_normal(image[0], image[1]), 'label': np.zeros(*label)}
+    shapes = batch_shapes(self.local_batch_size, self.img_size)  # {key: (shape, dtype)}
+    return {'image': rng.standard_normal(*shapes['image']), 'label': np.zeros(*shapes['label'])}
 
   def iterate(self, start_step, end_step, prefetch=0):
     for step in range(start_step, end_step):
