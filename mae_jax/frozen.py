@@ -10,13 +10,12 @@ differentiated, never in the optimizer state, never in the run's checkpoints, no
 norm or the non-finite check (big_vision's distillation trainer: "we never change the teachers, so only
 checkpoint student here").
 """
-import os
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import numpy as np
 
-from mae_jax import sharding
+from mae_jax import paths, sharding
 from mae_jax.config import ConfigError
 
 
@@ -54,9 +53,11 @@ def read(network, config):
     raise ConfigError(f'config.{network.field} is empty: name the file (python -m mae_jax.export import) or the '
                       'workdir this frozen network is loaded from')
   from mae_jax import checkpoint  # late: checkpoint imports orbax, which this module's users may not need
-  if os.path.isdir(checkpoint.directory(path)):
+  if paths.is_remote(path):
+    paths.check_remote(path, where)
+  if paths.isdir(checkpoint.directory(path)):
     _, params = checkpoint.load_params(path)
-  elif os.path.isfile(path):
+  elif paths.isfile(path):
     from mae_jax.export import load_init_params
     try:
       params = load_init_params(path)

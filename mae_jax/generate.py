@@ -18,7 +18,6 @@ fold_in(key(seed), i): the same images on any mesh and at any --batch. Editing w
 `{i:05d}.png` and `panel_{i:05d}.png` (input | mask, grey | output). Every mistake is one
 `mae_jax.generate: error: ...` line: exit code 2 for a bad flag or input, 1 for a fault (a damaged checkpoint).
 """
-import os
 import sys
 
 import jax
@@ -28,7 +27,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 from PIL import Image
 
-from mae_jax import checkpoint, cli, frozen, objectives, sharding
+from mae_jax import checkpoint, cli, frozen, objectives, paths, sharding
 from mae_jax import config as config_lib
 from mae_jax.data import decode
 from mae_jax.evaluate import fid
@@ -82,20 +81,26 @@ def check_arguments():
     if not ok:
       fail(f'--{name}={FLAGS[name].value} is out of range (num_images, num_iter, batch >= 1; temperature > 0; '
            'choice_temperature, seed >= 0; 0 < mask_ratio <= 1)')
+  for name in ('workdir', 'init_from', 'out', 'grid', *EDITS):  # a bucket out of reach: one line, before JAX starts
+    if FLAGS[name].value and paths.is_remote(FLAGS[name].value):
+      try:
+        paths.check_remote(FLAGS[name].value, f'--{name}={FLAGS[name].value}')
+      except paths.PathError as e:
+        fail(e)
   if FLAGS.workdir:
-    if not os.path.isdir(FLAGS.workdir):
+    if not paths.isdir(FLAGS.workdir):
       fail(f'--workdir={FLAGS.workdir} does not exist')
     if not checkpoint.has_checkpoint(FLAGS.workdir):
       fail(f'--workdir={FLAGS.workdir} holds no checkpoint ({checkpoint.directory(FLAGS.workdir)} is missing or empty)')
-    if FLAGS.step is not None and not os.path.isdir(os.path.join(checkpoint.directory(FLAGS.workdir), str(FLAGS.step))):
+    if FLAGS.step is not None and not paths.isdir(paths.join(checkpoint.directory(FLAGS.workdir), str(FLAGS.step))):
       fail(f'--step={FLAGS.step}: no such checkpoint in {checkpoint.directory(FLAGS.workdir)}')
-  elif not os.path.isfile(FLAGS.init_from):
+  elif not paths.isfile(FLAGS.init_from):
     fail(f'--init_from={FLAGS.init_from} is not a file (python -m mae_jax.export import --format=mage-official ...)')
   edits = [name for name in EDITS if FLAGS[name].value]
   if len(edits) > 1:
     fail(f'--{" and --".join(edits)}: one edit at a time')
   edit = edits[0] if edits else None
-  if edit and not os.path.isfile(FLAGS[edit].value):
+  if edit and not paths.isfile(FLAGS[edit].value):
     fail(f'--{edit}={FLAGS[edit].value} is not a file')
   if (edit in ('inpaint', 'outpaint')) != bool(FLAGS.box):
     fail('--box=x0,y0,x1,y1 goes with --inpaint or --outpaint' if FLAGS.box else f'--{edit} needs --box=x0,y0,x1,y1')
@@ -126,7 +131,11 @@ def load(mesh):
 
 
 def write_png(path, image):
-  Image.fromarray(np.asarray(image)).save(path)
+  if paths.is_remote(path):
+    with paths.open_file(path, 'wb') as f:  # one upload per image
+      Image.fromarray(np.asarray(image)).save(f, format='PNG')
+  else:
+    Image.fromarray(np.asarray(image)).save(path)
 
 
 def tile(images, columns=8, pad=2):
@@ -163,7 +172,7 @@ def run_generation(model, params, mesh):
     images = np.asarray(images)[:FLAGS.num_images - start]
     if jax.process_index() == 0:
       for i, image in enumerate(images):
-        write_png(os.path.join(FLAGS.out, f'{start + i:05d}.png'), image)
+        write_png(paths.join(FLAGS.out, f'{start + i:05d}.png'), image)
     shown.extend(images[:GRID_SIZE - len(shown)])
     log(f'{start + len(images)}/{FLAGS.num_images} images written to {FLAGS.out}')
   if FLAGS.grid and jax.process_index() == 0:
@@ -174,7 +183,7 @@ def run_generation(model, params, mesh):
 def read_image(path, size):
   """A [0, 1] (1, size, size, 3) image: resized (shorter side) and centre-cropped as the FID reference is."""
   try:
-    image = fid.resize_center_crop(decode.open_rgb(path), size)
+    image = fid.resize_center_crop(decode.open_rgb(paths.read_bytes(path) if paths.is_remote(path) else path), size)
   except decode.BadImage as e:
     raise config_lib.ConfigError(f'{path}: {e}') from None
   return jnp.asarray(np.asarray(image, np.float32)[None] / 255)
@@ -197,9 +206,9 @@ def run_edit(model, params, mesh, edit):
                                                                                  pixels).items()}
     if jax.process_index() == 0:
       for i, output in enumerate(panels['output']):
-        write_png(os.path.join(FLAGS.out, f'{start + i:05d}.png'), output)
+        write_png(paths.join(FLAGS.out, f'{start + i:05d}.png'), output)
         row = tile(np.stack([panels[name][i] for name in ('input', 'mask', 'output')]), columns=3)
-        write_png(os.path.join(FLAGS.out, f'panel_{start + i:05d}.png'), row)
+        write_png(paths.join(FLAGS.out, f'panel_{start + i:05d}.png'), row)
   log(f'{FLAGS.num_images} {edit} panel(s) (input | mask | output) written to {FLAGS.out}')
 
 
@@ -211,7 +220,7 @@ def main(argv):
   try:
     mesh = sharding.create_mesh({'data': -1, 'fsdp': 1})
     model, params = load(mesh)
-    os.makedirs(FLAGS.out, exist_ok=True)
+    paths.makedirs(FLAGS.out)
     if edit:
       run_edit(model, params, mesh, edit)
     else:

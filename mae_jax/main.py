@@ -10,7 +10,7 @@ from ml_collections import config_flags
 
 from mae_jax import checkpoint, cli
 from mae_jax import config as config_lib
-from mae_jax import distributed, preemption, sharding
+from mae_jax import distributed, paths, preemption, sharding
 
 config_flags.DEFINE_config_file('config', None, 'Path to a config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints and logs; an existing run there is resumed.')
@@ -28,6 +28,13 @@ def main(argv):
   del argv  # parse_flags refuses positional arguments
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   config = flags.FLAGS.config
+  try:  # a bucket that is missing or out of reach is one line here, before JAX or the data start
+    for what, path in ((f'--workdir={flags.FLAGS.workdir}', flags.FLAGS.workdir),
+                       (f'config.init_from={config.init_from}', config.init_from)):
+      if path and paths.is_remote(path):
+        paths.check_remote(path, what)
+  except paths.PathError as e:
+    fail(e)
   try:
     if distributed.initialize_from_flags():  # before anything touches a device
       distributed.log(f'Joined a multi-process run: {distributed.describe()}')

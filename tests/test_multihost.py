@@ -1,5 +1,6 @@
 """Multi-host training with real processes: two processes on localhost, 4 simulated CPU devices each, joined
-with jax.distributed, train exactly like one process with 8 devices and write one checkpoint together.
+with jax.distributed, train exactly like one process with 8 devices and write one checkpoint together, on a
+local disk and in a bucket of the Cloud Storage emulator (tests/gcs_emulator.py).
 
 Every wait has a timeout, and when one process fails the others are killed (they would otherwise wait in a
 collective for the missing peer). The restore check runs this file as a script:
@@ -14,7 +15,8 @@ import time
 
 import numpy as np
 import pytest
-from conftest import cpu_env, run_worker
+from conftest import cpu_env, last_json, run_python, run_worker
+from gcs_emulator import gcs  # noqa: F401  # pylint: disable=unused-import  # the fixture
 
 from mae_jax import distributed
 
@@ -96,6 +98,28 @@ def test_two_processes_train_and_checkpoint_like_one(tmp_path):
   result = run_worker(__file__, 'restore', multi, single, num_devices=1, timeout=180)
   assert result['steps'] == [STEPS, STEPS]
   assert result['max_abs_diff'] < 1e-5, result
+
+
+@pytest.mark.slow
+@pytest.mark.multidevice
+def test_two_processes_checkpoint_into_a_bucket_that_one_process_restores(gcs, tmp_path):  # pylint: disable=redefined-outer-name
+  from mae_jax import paths
+  workdir = gcs.create_bucket('multihost') + '/run'
+  port = free_port()
+  logs = [tmp_path / f'process_{i}.log' for i in range(2)]
+  procs = [start([*TRAIN, f'--workdir={workdir}', '--config.mesh.dcn_data=2', f'--coordinator_address=127.0.0.1:{port}',
+                  '--num_processes=2', f'--process_id={i}', '--distributed_timeout=120'], cpu_env(4, **gcs.env), logs[i])
+           for i in range(2)]
+  codes = wait_all(procs, timeout=480)
+  outputs = [log.read_text() for log in logs]
+  assert codes == [0, 0], '\n\n'.join(f'--- {log.name} (exit {c}):\n{o[-3000:]}' for log, c, o in zip(logs, codes, outputs))
+  step_dir = f'{workdir}/checkpoints/{STEPS}'
+  assert 'commit_success.txt' in paths.listdir(step_dir)  # orbax's commit on an object store
+  assert {'ocdbt.process_0', 'ocdbt.process_1'} <= set(paths.listdir(f'{step_dir}/state'))  # each host its shards
+  assert [r['step'] for r in json.loads('[' + ','.join(paths.read_bytes(f'{workdir}/metrics.jsonl').decode()
+                                                       .splitlines()) + ']') if 'loss' in r] == list(range(1, STEPS + 1))
+  result = last_json(run_python([__file__, 'restore', workdir, workdir], timeout=180, env=cpu_env(1, **gcs.env)).stdout)
+  assert result['steps'] == [STEPS, STEPS] and result['max_abs_diff'] == 0, result
 
 
 # ---- distributed.plan: which runs initialise, without starting anything ----

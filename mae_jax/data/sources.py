@@ -11,6 +11,9 @@ step is a pure function of (seed, step), so a checkpoint's step number is the it
             torchvision's ImageFolder (same classes, labels and order), hidden entries ignored
   tfds      any prepared TFDS image dataset in array_record format, read with `tfds.data_source`
             (random access, no TensorFlow), e.g. imagenet2012 built from the manual download
+
+A folder may be in a bucket (`gs://BUCKET/imagenet`): each class is listed once (object stores have no
+links, so the link rules do not apply), and each image is read whole with one request.
 """
 import os
 
@@ -18,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from mae_jax import config as config_lib
+from mae_jax import paths
 from mae_jax.data import decode
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: the same files as ImageFolder, so indices agree with it.
@@ -66,6 +70,8 @@ EMBEDDED = {'digits': embedded_digits}
 
 
 def _visible_dirs(path):
+  if paths.is_remote(path):
+    return sorted(name for name in paths.subdirs(path) if not name.startswith('.'))
   with os.scandir(path) as entries:
     return sorted(e.name for e in entries if e.is_dir() and not e.name.startswith('.'))
 
@@ -74,6 +80,8 @@ def _class_files(class_dir):
   """(paths, ignored) of one class folder's image files, in (folder, name) order. Links to folders are followed
   only to folders inside the class not seen yet (no loops, no parent's images under this label); hidden names
   and anything but regular files (FIFOs, sockets, devices would block or fail a decode) are ignored."""
+  if paths.is_remote(class_dir):
+    return _bucket_class_files(class_dir)
   root = os.path.realpath(class_dir)
   seen, pending, linked, found, ignored = set(), [class_dir], [], [], 0
   while pending or linked:  # real folders first, then links in name order: the same paths on every filesystem
@@ -97,6 +105,18 @@ def _class_files(class_dir):
   return [os.path.join(folder, name) for folder, name in sorted(found)], ignored
 
 
+def _bucket_class_files(class_dir):
+  """`_class_files` of a class folder in a bucket: one listing of its prefix."""
+  found, ignored = [], 0
+  for path, _ in paths.walk_files(class_dir):
+    hidden = any(part.startswith('.') for part in path[len(class_dir.rstrip('/')) + 1:].split('/'))
+    if not hidden and path.lower().endswith(IMG_EXTENSIONS):
+      found.append(path)
+    else:
+      ignored += 1
+  return sorted(found, key=lambda p: tuple(p.rsplit('/', 1))), ignored
+
+
 class FolderSource:
   """`root/<split>/<class>/...` image files. Classes are the sorted class folders of `class_split` (the
   training split), so every split labels a class alike; a class folder of another split that the
@@ -104,17 +124,19 @@ class FolderSource:
 
   def __init__(self, root, split, class_split=None, max_pixels=decode.DEFAULT_MAX_PIXELS):
     self.root, self.split, self.max_pixels = root, split, max_pixels
-    self.directory = os.path.join(root, split)
-    if not os.path.isdir(root):
+    self.directory = paths.join(root, split)
+    if paths.is_remote(root):
+      paths.check_remote(root, f'config.data.name={root}')
+    if not paths.isdir(root):
       raise DataError(f"config.data.name={root!r}: the image folder root does not exist (source='folder')")
-    if not os.path.isdir(self.directory):
+    if not paths.isdir(self.directory):
       found = _visible_dirs(root)
       raise DataError(f'image folder split {split!r} not found: {self.directory} does not exist '
                       f'(folders in {root}: {found[:10]})')
     self.classes = _visible_dirs(self.directory)
     if class_split and class_split != split:
-      train_dir = os.path.join(root, class_split)
-      train_classes = _visible_dirs(train_dir) if os.path.isdir(train_dir) else self.classes
+      train_dir = paths.join(root, class_split)
+      train_classes = _visible_dirs(train_dir) if paths.isdir(train_dir) else self.classes
       unknown = sorted(set(self.classes) - set(train_classes))
       if unknown:
         raise DataError(f'{self.directory} has class folders that the training split {train_dir} lacks: {unknown[:5]}')
@@ -122,32 +144,39 @@ class FolderSource:
     if not self.classes:
       raise DataError(f'no class folders in {self.directory}: expected {self.directory}/<class>/<image files>')
     self.num_classes = len(self.classes)
-    paths, labels, self.ignored_files, empty = [], [], 0, []
+    relative, labels, self.ignored_files, empty = [], [], 0, []
     for label, name in enumerate(self.classes):
-      class_dir = os.path.join(self.directory, name)
-      files, ignored = _class_files(class_dir) if os.path.isdir(class_dir) else ([], 0)
-      paths += [os.path.relpath(path, self.directory) for path in files]
+      class_dir = paths.join(self.directory, name)
+      files, ignored = _class_files(class_dir) if paths.isdir(class_dir) else ([], 0)
+      relative += [path[len(self.directory.rstrip('/')) + 1:] if paths.is_remote(path)
+                   else os.path.relpath(path, self.directory) for path in files]
       labels += [label] * len(files)
       self.ignored_files += ignored
-      if not files and os.path.isdir(class_dir):
+      if not files and paths.isdir(class_dir):
         empty.append(name)
-    if empty and paths:  # a label no example has: a typo'd folder or a failed copy, mostly
+    if empty and relative:  # a label no example has: a typo'd folder or a failed copy, mostly
       print(f'WARNING: {len(empty)} class folder(s) of {self.directory} hold no image files: {empty[:10]}'
             f'{" ..." if len(empty) > 10 else ""}; their labels are kept', flush=True)
-    if not paths:
+    if not relative:
       raise DataError(f'no image files ({", ".join(IMG_EXTENSIONS)}) under {self.directory}/<class>/')
     # Fixed-width bytes: ~40 B per ImageNet path instead of ~110 B for a Python str (1.28M paths: 50 MB).
-    self._paths = np.array([os.fsencode(p) for p in paths])
+    self._paths = np.array([os.fsencode(p) for p in relative])
     self.labels = np.asarray(labels, np.int32)
 
   def __len__(self):
     return len(self._paths)
 
   def path(self, index):
-    return os.path.join(self.directory, os.fsdecode(self._paths[index]))
+    return paths.join(self.directory, os.fsdecode(self._paths[index]))
 
   def __getitem__(self, index):
-    return decode.open_rgb(self.path(index), self.max_pixels), int(self.labels[index])
+    file = self.path(index)
+    if paths.is_remote(file):
+      try:
+        file = paths.read_bytes(file)
+      except OSError as e:
+        raise decode.BadImage(f'unreadable: {e}') from None
+    return decode.open_rgb(file, self.max_pixels), int(self.labels[index])
 
   def describe(self, index):
     return self.path(index)
@@ -170,6 +199,9 @@ class TfdsSource:
                max_pixels=decode.DEFAULT_MAX_PIXELS):
     import tensorflow_datasets as tfds  # late: only this source needs it
     self.name, self.split, self.max_pixels = name, split, max_pixels
+    where = data_dir or os.environ.get('TFDS_DATA_DIR', '')  # TFDS reads gs:// itself; its errors would be retries
+    if paths.is_remote(where):
+      paths.check_remote(where, f'config.data.data_dir={where}' if data_dir else f'TFDS_DATA_DIR={where}')
     self.image_key, self.label_key = image_key, label_key
     try:
       builder = tfds.builder(name, data_dir=data_dir or None)
@@ -235,7 +267,8 @@ def create(data_config, split, class_split=None):
       raise DataError(f'config.data.name={name!r}: embedded datasets are {sorted(EMBEDDED)}')
     return EMBEDDED[name](split)
   if source == 'folder':
-    return FolderSource(os.path.expanduser(name), split, class_split, data_config.max_pixels)
+    return FolderSource(name if paths.is_remote(name) else os.path.expanduser(name), split, class_split,
+                        data_config.max_pixels)
   if source == 'tfds':
     return TfdsSource(name, split, data_config.data_dir, data_config.image_key, data_config.label_key,
                       data_config.max_pixels)

@@ -31,6 +31,7 @@ greyscale image is scaled to 8 bits (`mae_jax.data.decode`) where PIL's convert(
 import argparse
 import concurrent.futures
 import functools
+import io
 import os
 import sys
 import warnings
@@ -44,7 +45,7 @@ import scipy.linalg
 import scipy.special
 from PIL import Image
 
-from mae_jax import cli, sharding
+from mae_jax import cli, paths, sharding
 from mae_jax.config import ConfigError
 from mae_jax.data import decode, loader, sources
 from mae_jax.evaluate.base import Evaluator
@@ -159,7 +160,7 @@ class InceptionFeatures:
 
 def _read(path, like=None, first_path=None):
   try:
-    image = np.asarray(decode.open_rgb(path))
+    image = np.asarray(decode.open_rgb(paths.read_bytes(path) if paths.is_remote(path) else path))
   except decode.BadImage as e:
     raise FidError(f'{path}: {e}') from None
   if like is not None and image.shape != like.shape:
@@ -170,10 +171,14 @@ def _read(path, like=None, first_path=None):
 
 def image_files(folder):
   """torch-fidelity's sample list: the folder's own .png/.jpg/.jpeg files (any case), sorted real paths."""
-  if not os.path.isdir(folder):
+  if not paths.isdir(folder):
     raise FidError(f'{folder} is not a folder of images')
-  files = sorted(os.path.realpath(e.path) for e in os.scandir(folder)
-                 if e.is_file() and os.path.splitext(e.name)[1][1:].lower() in IMAGE_EXTENSIONS)
+  if paths.is_remote(folder):  # the folder's own objects, not those of its sub-prefixes
+    files = sorted(path for path, _ in paths.walk_files(folder) if paths.dirname(path) == folder.rstrip('/')
+                   and path.rsplit('.', 1)[-1].lower() in IMAGE_EXTENSIONS)
+  else:
+    files = sorted(os.path.realpath(e.path) for e in os.scandir(folder)
+                   if e.is_file() and os.path.splitext(e.name)[1][1:].lower() in IMAGE_EXTENSIONS)
   if not files:
     raise FidError(f'no .png, .jpg or .jpeg files in {folder}')
   return files
@@ -191,7 +196,7 @@ def statistics(features, weights_sha256=''):
 
 
 def save_statistics(stats, path):
-  with open(path, 'wb') as f:  # np.savez would append .npz to another name
+  with paths.open_file(path, 'wb') as f:  # np.savez would append .npz to another name
     np.savez(f, mu=stats['mu'], sigma=stats['sigma'], count=np.int64(stats['count']),
              inception_sha256=np.str_(stats['inception_sha256']))
 
@@ -199,7 +204,7 @@ def save_statistics(stats, path):
 def load_statistics(path, weights_sha256=None):
   """Statistics written by `save_statistics`; FidError if they are not, or were made by other Inception weights."""
   try:
-    with np.load(path, allow_pickle=False) as data:
+    with np.load(io.BytesIO(paths.read_bytes(path)), allow_pickle=False) as data:
       stats = {'mu': data['mu'], 'sigma': data['sigma'], 'count': int(data['count']),
                'inception_sha256': str(data['inception_sha256'])}
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
@@ -266,9 +271,9 @@ def inception_score(logits, splits=10, shuffle=True, seed=ISC_SEED):
 
 def reference_files(reference):
   """The image files of a reference folder, or None for a statistics file; FidError if it is neither."""
-  if os.path.isdir(reference):
+  if paths.isdir(reference):
     return image_files(reference)
-  if not os.path.isfile(reference):
+  if not paths.isfile(reference):
     raise FidError(f'the reference {reference} is neither a folder of images nor a statistics .npz')
   return None
 

@@ -26,14 +26,12 @@ Every mistake is one `mae_jax.export: error: ...` line (keys that do not fit fol
 exit code 2 for a bad flag or input file (checked, where it can be, before anything is loaded), 1 for a fault
 (an unreadable checkpoint, an unwritable --out).
 """
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from mae_jax import checkpoint, cli
+from mae_jax import checkpoint, cli, paths
 from mae_jax import config as config_lib
 from mae_jax.export import engine, tables, teachers, torch_export, torch_import
 
@@ -65,11 +63,21 @@ def check_arguments(verb):
   extensions = torch_export.SUFFIXES if verb == 'export' else ('.msgpack',)
   if not FLAGS.out.endswith(tuple(extensions)):
     fail(f'--out={FLAGS.out} must end in {" or ".join(extensions)}')
+  if paths.is_remote(FLAGS.out):
+    try:
+      paths.check_remote(FLAGS.out, f'--out={FLAGS.out}')
+    except paths.PathError as e:
+      fail(e)
   if verb == 'import':
     teacher = FLAGS.format in tables.TEACHER_FORMATS  # the model comes from the file's shapes
     if not FLAGS['in'].value or (FLAGS.config is None and not teacher):
       fail('import needs --in=FILE and --config=CONFIG (the model to build)')
-    if not os.path.isfile(FLAGS['in'].value):
+    if paths.is_remote(FLAGS['in'].value):
+      try:
+        paths.check_remote(FLAGS['in'].value, f'--in={FLAGS["in"].value}')
+      except paths.PathError as e:
+        fail(e)
+    if not paths.isfile(FLAGS['in'].value):
       fail(f'--in={FLAGS["in"].value} is not a file')
     if teacher:
       if FLAGS.config is not None:
@@ -87,10 +95,15 @@ def check_arguments(verb):
       fail(f'--{name}={FLAGS[name].value} must be >= 0 (0: {zero})')
   if FLAGS.num_classes and 'head' not in tables.scope(FLAGS.format):
     fail(f'--num_classes is for the formats with a classifier head, not --format={FLAGS.format}')
-  if not os.path.isdir(FLAGS.workdir):
+  if paths.is_remote(FLAGS.workdir):
+    try:
+      paths.check_remote(FLAGS.workdir, f'--workdir={FLAGS.workdir}')
+    except paths.PathError as e:
+      fail(e)
+  if not paths.isdir(FLAGS.workdir):
     fail(f'--workdir={FLAGS.workdir} does not exist')
   folder = checkpoint.directory(FLAGS.workdir)
-  steps = sorted(int(name) for name in os.listdir(folder) if name.isdigit()) if os.path.isdir(folder) else []
+  steps = sorted(int(name) for name in paths.listdir(folder) if name.isdigit()) if paths.isdir(folder) else []
   if not steps:
     fail(f'--workdir={FLAGS.workdir} holds no checkpoint ({folder} is missing or empty)')
   if FLAGS.step is not None and FLAGS.step not in steps:
