@@ -19,10 +19,11 @@ from mae_jax import sharding
 STEPS = 5
 MESHES = {'1 device': (1, 1, 1), 'data=8': (8, 1, 8), 'fsdp=8': (1, 8, 8), 'data=2 x fsdp=4': (2, 4, 8)}
 # Every other objective (with its frozen networks) and every downstream task on the three meshes that matter most.
-RUNS = ('gan_mae', 'mimic_mae', 'mage', 'mr_mae', 'finetune', 'linprobe')
+RUNS = ('gan_mae', 'mimic_mae', 'mage', 'mr_mae', 'convmae', 'mr_mcmae', 'finetune', 'linprobe')
 TASKS = ('finetune', 'linprobe')
 # Objectives run from a tiny config of their own (MAGE: its tokenizer; MR-MAE: a random teacher for the MAE demo's).
-CONFIG_RUNS = {'mage': 'mage_tiny_cpu', 'mr_mae': 'mr_mae_tiny_cpu'}
+CONFIG_RUNS = {'mage': 'mage_tiny_cpu', 'mr_mae': 'mr_mae_tiny_cpu', 'convmae': 'convmae_tiny_cpu',
+               'mr_mcmae': 'mr_mcmae_tiny_cpu'}
 RUN_MESHES = ('1 device', 'data=8', 'fsdp=8')
 
 
@@ -199,7 +200,7 @@ def run_config(run, data, fsdp, teacher_file):
     c = importlib.import_module(f'configs.{CONFIG_RUNS.get(run, f"{run}_mae_tiny_cpu")}').get_config()
     c.mesh.update(data=data, fsdp=fsdp, fsdp_min_size_mb=0)
     c.train.num_steps = STEPS
-    if run == 'mr_mae':
+    if c.objective == 'mr_mae':  # MR-MAE and MR-MCMAE
       from test_mr_mae import write_teacher
       c.mr_mae.teachers.mae.init_from = write_teacher(f'{teacher_file}.mr_mae', 'vit', 'nano/4', c.data.img_size)
     return c

@@ -69,8 +69,13 @@ def _matches(key, globs):
 
 
 def _grid(table):
-  side = math.isqrt(table.shape[1] - 1)
+  side = math.isqrt(table.shape[1])
   return (side, side)
+
+
+def _prefix(table):
+  """The rows before the patch grid of a (1, prefix + h*h, D) table: 1 (MAE's cls row) or 0 (ConvMAE v1's)."""
+  return table.shape[1] - _grid(table)[0] ** 2
 
 
 def to_torch(params, fmt, fixed, grid=None):
@@ -93,7 +98,8 @@ def to_torch(params, fmt, fixed, grid=None):
       continue
     order, key, kind = hit
     if kind in tables.POSITION_KINDS:  # a learned table (a fine-tuned model's), resampled for another grid
-      value = resample_posemb(value, grid) if grid is not None and tuple(grid) != _grid(value) else value
+      value = (resample_posemb(value, grid, _prefix(value)) if grid is not None and tuple(grid) != _grid(value)
+               else value)
       out.append((order, key, np.array(value, np.float32, order='C')))
       continue
     out.append((order, key, np.array(tables.KINDS[kind][0](np.asarray(value)), order='C')))
@@ -107,7 +113,8 @@ def to_torch(params, fmt, fixed, grid=None):
       continue
     table = fixed[jax]
     if grid is not None and tuple(grid) != _grid(table):
-      table = (posemb_sincos_2d(table.shape[-1], grid)[None] if kind == 'sincos' else resample_posemb(table, grid))
+      table = (posemb_sincos_2d(table.shape[-1], grid, _prefix(table) > 0)[None] if kind == 'sincos'
+               else resample_posemb(table, grid, _prefix(table)))
     out.append(((rule.group, -1, n), key, np.asarray(table, np.float32)))
   if problems:
     _fail(f'cannot export to {fmt!r}:', problems)
@@ -120,11 +127,10 @@ def to_torch(params, fmt, fixed, grid=None):
 def _check_position_table(key, value, table):
   """None if `value` is MAE's sin-cos table (for any grid), else the problem. Our tables are fixed, so a
   learned (fine-tuned) table cannot be loaded; a different grid is fine: the table is recomputed."""
-  width = table.shape[-1]
-  tokens = value.shape[1] - 1 if value.ndim == 3 and value.shape[0] == 1 else -1
-  if tokens < 1 or math.isqrt(tokens) ** 2 != tokens or value.shape[-1] != width:
-    return f'{key} {value.shape}: not a (1, 1 + h*w, {width}) position table'
-  own = posemb_sincos_2d(width, _grid(value))[None]
+  width, prefix = table.shape[-1], _prefix(table)
+  if value.ndim != 3 or value.shape[0] != 1 or value.shape[-1] != width or _prefix(value) != prefix:
+    return f'{key} {value.shape}: not a (1, {prefix} + h*w, {width}) position table'
+  own = posemb_sincos_2d(width, _grid(value), prefix > 0)[None]
   err = float(np.max(np.abs(value - own)))
   if err > SINCOS_ATOL:
     return (f'{key}: differs from the fixed sin-cos table of its {_grid(value)[0]}x{_grid(value)[1]} grid by up '
@@ -178,7 +184,7 @@ def from_torch(state_dict, fmt, expected, fixed, allow_missing=(), ignore=()):
       convert = (lambda x: x) if kind in tables.POSITION_KINDS else tables.KINDS[kind][1]  # a learned table
       converted, want = np.ascontiguousarray(convert(value)), expected[path]
       if kind in tables.POSITION_KINDS and converted.shape != tuple(want.shape) and converted.ndim == 3:
-        converted = resample_posemb(converted, math.isqrt(want.shape[1] - 1))  # trained at another resolution
+        converted = resample_posemb(converted, _grid(want)[0], _prefix(want))  # trained at another resolution
       if converted.shape != tuple(want.shape):
         problems.append(f'{key}: shape {tuple(value.shape)} gives {path} {converted.shape}, the model has '
                         f'{tuple(want.shape)}')

@@ -93,6 +93,26 @@ def _vqgan(jax, torch):
                   (f'{jax}/quantize/embedding', f'{torch}quantize.embedding.weight', 'copy')]
 
 
+def _cblock(jax, torch):
+  """ConvMAE's `CBlock`: its depthwise 5x5 conv is named `attn`; `mlp` is CMlp's 1x1 convs."""
+  return [*_norm(f'{jax}/norm1', f'{torch}.norm1'), *_conv(f'{jax}/conv1', f'{torch}.conv1'),
+          *_conv(f'{jax}/attn', f'{torch}.attn'), *_conv(f'{jax}/conv2', f'{torch}.conv2'),
+          *_norm(f'{jax}/norm2', f'{torch}.norm2'), *_conv(f'{jax}/mlp/fc1', f'{torch}.mlp.fc1'),
+          *_conv(f'{jax}/mlp/fc2', f'{torch}.mlp.fc2')]
+
+
+def _convvit(pos_kind, norm='norm'):
+  """ConvMAE's ConvViT encoder (`mae_jax.models.convvit`): `patch_embed1..3` (conv + LayerNorm), `patch_embed4`
+  (Linear), `blocks1`/`blocks2` (CBlocks), `blocks3` (timm-style Blocks); conv weights OIHW."""
+  rules = [('encoder/cls_token', 'cls_token', 'copy'), ('encoder/pos_embed', 'pos_embed', pos_kind)]
+  for stage in (1, 2, 3):
+    rules += [*_conv(f'encoder/patch_embed{stage}/proj', f'patch_embed{stage}.proj'),
+              *_norm(f'encoder/patch_embed{stage}/norm', f'patch_embed{stage}.norm')]
+  return [*rules, *_linear('encoder/patch_embed4', 'patch_embed4'), *_cblock('encoder/blocks1_{i}', 'blocks1.{i}'),
+          *_cblock('encoder/blocks2_{i}', 'blocks2.{i}'), *_block('encoder/blocks3_{i}', 'blocks3.{i}'),
+          *_norm('encoder/norm', norm)]
+
+
 def _mage():
   """LTH14/mage `MaskedGenerativeEncoderViT` (mage-vit{b,l}-1600.pth, spec mage.md 1.9): BertEmbeddings, the
   blocks, the decoder with its MlmLayer, the frozen VQGAN under `vqgan.` (the loop's params['tokenizer']),
@@ -191,6 +211,13 @@ FORMATS = {
                  + _norm('encoder/norm_pre', 'norm_pre') + [('encoder/head/kernel', 'head.weight', 'dense'),
                                                             ('encoder/head/bias', 'head.bias', UNUSED)],
     'dino': _encoder('posemb'),
+    # Alpha-VL/ConvMAE `models_convmae.MaskedAutoencoderConvViT` (pretraining: the fusion convs, MAE's decoder;
+    # fixed tables without a cls row in v1). The encoder-only files load with --allow_missing='decoder*,mask_token'.
+    'convmae-official': _convvit('sincos') + _conv('encoder/stage1_output_decode', 'stage1_output_decode')
+                        + _conv('encoder/stage2_output_decode', 'stage2_output_decode') + MAE_DECODER,
+    # Its fine-tuning model, `models_convvit.ConvViT(global_pool=True)`: learned pos_embed, fc_norm (a pretrained
+    # encoder's final norm becomes it, as for 'mae-finetuned'), head; no fusion convs.
+    'convvit-finetuned': _convvit('posemb', norm='fc_norm') + _norm('encoder/fc_norm', 'fc_norm') + HEAD,
 }
 TEACHER_FORMATS = {'clip-openai': 'clip', 'clip-hf': 'clip', 'clip-timm': 'clip', 'dino': 'dino'}  # format: arch
 
@@ -201,14 +228,15 @@ def scope(fmt):
 
 
 def fixed_tables(objective):
-  """The objective's fixed sin-cos tables (1, 1 + L, D), keyed by the jax paths the rules use (a learned
+  """The objective's fixed sin-cos tables (1, [1 +] L, D), keyed by the jax paths the rules use (a learned
   table is a param instead, exported and imported like one), and its `UNUSED` entries."""
   out = {}
   if getattr(getattr(objective, 'encoder', None), 'posemb', None) == 'sincos':  # a tokenizer has no ViT
-    out['encoder/pos_embed'] = posemb_sincos_2d(objective.encoder.width, objective.encoder.grid_size)[None]
+    enc = objective.encoder
+    out['encoder/pos_embed'] = posemb_sincos_2d(enc.width, enc.grid_size, enc.num_prefix_tokens > 0)[None]
   decoder = getattr(objective, 'decoder', None)
   if hasattr(decoder, 'grid_size'):  # MAE's fixed table; MAGE's decoder has a learned one
-    out['decoder/decoder_pos_embed'] = posemb_sincos_2d(decoder.width, decoder.grid_size)[None]
+    out['decoder/decoder_pos_embed'] = posemb_sincos_2d(decoder.width, decoder.grid_size, decoder.cls_token)[None]
   if hasattr(objective, 'unused_reference_tensors'):
     out.update(objective.unused_reference_tensors())
   return out

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mae_jax.config import require
-from mae_jax.models import masking, teachers, vit
+from mae_jax.models import convvit, masking, teachers, vit
 from mae_jax.models.patchify import patchify
 from mae_jax.objectives.gan_mae import GANMAE
 from mae_jax.objectives.base import Objective, PhaseTrainable
@@ -109,7 +109,7 @@ class Mimic:
     m = config.mr_mae
     require(len(m.use) >= 1 and all(name in m.teachers for name in m.use),
             f'config.mr_mae.use={tuple(m.use)} must name at least one of config.mr_mae.teachers ({sorted(m.teachers)})')
-    student = vit.parse_variant(config.model.variant)['patch_size']
+    student = convvit.encoder_dims(config.model.variant)['patch_size']
     for name in m.use:
       t, where = m.teachers[name], f'config.mr_mae.teachers.{name}'
       require(t.arch in teachers.ARCHS, f'{where}.arch={t.arch!r} is not one of {sorted(teachers.ARCHS)}')
@@ -129,6 +129,8 @@ class Mimic:
       require(t.target_norm in TARGET_NORMS, f'{where}.target_norm={t.target_norm!r} is not one of {TARGET_NORMS}')
       require(t.loss in LOSSES, f'{where}.loss={t.loss!r} is not one of {LOSSES}')
       require(t.weight >= 0, f'{where}.weight={t.weight} must be >= 0')
+      require(not t.cls or not convvit.is_conv(config.model.variant) or config.model.convvit.cls_token,
+              f'{where}.cls=True needs a student with a cls token: set config.model.convvit.cls_token=True')
 
   def __init__(self, config):
     super().__init__(config)
@@ -140,7 +142,7 @@ class Mimic:
       module = teachers.module(t.arch, t.variant, self.img_size, t.proj_dim if t.feature == 'proj' else 0)
       layers = tuple(k % (module.depth + 1) for k in t.layers)  # -1 -> depth
       out_dim = module.num_classes or module.width
-      heads = {k: MimicHead(out_dim, t.head, jnp.dtype(config.model.dtype)) for k in layers}
+      heads = {k: MimicHead(out_dim, t.head, vit.compute_dtype(config.model)) for k in layers}
       self.teachers[name] = (t, module, layers, heads)
 
   def frozen_networks(self):
@@ -173,10 +175,10 @@ class Mimic:
 
   def mimic_terms(self, params, features, latent, ids_keep):
     """{'mimic_<teacher>': weighted term} and the unweighted 'loss/mimic_<teacher>' metrics, from the encoder's
-    tokens `latent` (N, 1 + K, D) of the kept patches `ids_keep` (N, K) and `teacher_features`."""
+    tokens `latent` (N, [1 +] K, D) of the kept patches `ids_keep` (N, K) and `teacher_features`."""
     terms, metrics = {}, {}
     for name, (t, _, layers, heads) in self.teachers.items():
-      student = latent if t.cls else latent[:, 1:]
+      student = latent if t.cls else latent[:, self.encoder.num_prefix_tokens:]
       losses = []
       for k, state in zip(layers, features[name]):
         target = masking.gather(state[:, 1:], ids_keep)  # the teacher's tokens at the visible patches
