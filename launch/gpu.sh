@@ -11,9 +11,13 @@
 #   --dry-run         print the command instead of running it
 #
 # Install once: pip install -e . 'jax[cuda12]>=0.10.2,<0.11'
-# Example, ViT-B MAE on 8 GPUs, batch 4096 as 2 micro-batches of 2048, bf16 compute:
+# Example, ViT-B MAE on 8 GPUs, batch 4096 as 2 micro-batches of 2048 (compute: bfloat16, config.model.dtype=auto):
 #   launch/gpu.sh -- --config=configs/mae_vitb.py --workdir=workdirs/mae_vitb --config.data.source=tfds \
-#       --config.data.name=imagenet2012 --config.model.dtype=bfloat16 --config.train.grad_accum_steps=2
+#       --config.data.name=imagenet2012 --config.train.grad_accum_steps=2
+#
+# XLA_FLAGS gets XLA:GPU's latency-hiding scheduler (collectives overlapped with compute) after any flags of
+# your own; NCCL keeps its defaults, which suit one host (set NCCL_* in the environment for your fabric).
+# None of this has been measured here (no GPU).
 set -euo pipefail
 
 # shellcheck source=SCRIPTDIR/common.sh
@@ -41,6 +45,7 @@ if [[ -n "$GPUS" ]]; then
 fi
 # One process per host: never initialise jax.distributed here, even inside a SLURM allocation.
 COMMAND+=(MAE_JAX_DISTRIBUTED=0 "XLA_PYTHON_CLIENT_MEM_FRACTION=$MEM_FRACTION"
+  "XLA_FLAGS=${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
   "$PYTHON" -m mae_jax.main "${MAIN_ARGS[@]}")
 
 cd "$REPO"

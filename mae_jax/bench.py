@@ -1,7 +1,8 @@
 """Benchmark of the train step: step time, images/s, FLOP/s, per-device memory and MFU, measured.
 
   python -m mae_jax.bench --config=configs/mae_vitb.py [--steps=10] [--warmup=2] [--per_device_batch=N]
-      [--compile_only] [--simulate_devices=8] [--compare=torch] [--asymmetry] [--config.<field>=<value> ...]
+      [--compile_only] [--simulate_devices=8] [--compare=torch] [--asymmetry] [--profile=DIR]
+      [--config.<field>=<value> ...]
 
 The step is compiled ahead of time for the configured mesh (`train_step.lower(abstract state, abstract
 batch).compile()`), exactly as training compiles it. FLOPs come from XLA's cost analysis of that executable
@@ -29,7 +30,8 @@ an explicit `--per_device_batch` that does not fit, or a model that does not fit
 `--compare=torch` then times the same step in PyTorch (mae_jax/bench_torch.py says what it contains), in a
 subprocess, and prints both images/s and their ratio. `--asymmetry` (MAE family) compiles and times the step
 again with the encoder on every patch (none dropped; the decoder and the loss as configured), the compute of
-the MAE paper's Table 2 baseline, and prints the ratios of step time and FLOPs. docs/performance.md has figures.
+the MAE paper's Table 2 baseline, and prints the ratios of step time and FLOPs. `--profile=DIR` traces the timed
+steps once more and prints where the op time goes (mae_jax/bench_profile.py). docs/performance.md has figures.
 """
 import functools
 import os
@@ -38,7 +40,7 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mae_jax import bench_torch, cli
+from mae_jax import bench_profile, bench_torch, cli
 from mae_jax import config as config_lib
 from mae_jax import distributed
 
@@ -55,6 +57,8 @@ flags.DEFINE_enum('compare', None, ['torch'], 'Also time the same step in PyTorc
                   'print both images/s and their ratio.')
 flags.DEFINE_bool('asymmetry', False, 'MAE family: also compile and time the step with the encoder on every '
                   'patch, and print the ratios of step time and FLOPs (the MAE paper\'s Table 2).')
+flags.DEFINE_string('profile', None, 'Also run the timed steps under jax.profiler.trace into this folder and print '
+                    'where the op time goes, by module, pass and part (mae_jax/bench_profile.py).')
 flags.mark_flags_as_required(['config'])
 
 # Dense bf16 peak TFLOP/s per JAX device, matched on `device.device_kind` (first match wins). TPU v2/v3
@@ -160,18 +164,9 @@ def abstract_batch(batch_size, img_size, mesh):
           for k, (shape, dtype) in batch_shapes(batch_size, img_size).items()}
 
 
-def keep_every_token(objective):
-  """Runs an MAE-family objective's encoder on every patch, none dropped, the decoder and the loss keeping the
-  configured mask (the tokens come in shuffled order; `ids_restore` puts them back): the compute of the MAE
-  paper's Table 2 baseline, whose encoder sees mask tokens in place of the masked patches."""
-  import jax.numpy as jnp
-  configured = objective.random_masking
-  objective.random_masking = lambda noise: configured(noise)._replace(ids_keep=jnp.argsort(noise, axis=1))
-
-
 def build_trainer(config, every_token=False):
   """(the Trainer of `config` on synthetic batches, its loader, the config fields given random stand-ins);
-  `every_token`: see `keep_every_token`."""
+  `every_token`: the encoder on every patch (`MAE.encode_every_patch`)."""
   import tempfile
 
   import jax
@@ -181,8 +176,8 @@ def build_trainer(config, every_token=False):
   with tempfile.TemporaryDirectory(prefix='mae_jax_bench_') as folder:
     stand_ins = stand_in_frozen_networks(config, folder)
     trainer = train.Trainer(config, loader=loader)  # loads the frozen networks
-  if every_token:
-    keep_every_token(trainer.objective)
+  if every_token:  # an MAE-family objective (check_options)
+    trainer.objective.encode_every_patch = True
   return trainer, loader, stand_ins
 
 
@@ -340,13 +335,15 @@ def stand_in_frozen_networks(config, folder):
   return replaced
 
 
-def run(config, steps, warmup, compile_only, fixed_by='', every_token=False):
+def run(config, steps, warmup, compile_only, fixed_by='', every_token=False, profile=None):
   """Compiles (and runs) the train step of `config`; prints and returns the figures as a dict. The batch is
-  lowered to fit the device unless `fixed_by` names what set it; `every_token`: see `keep_every_token`."""
+  lowered to fit the device unless `fixed_by` names what set it; `every_token`: see `build_trainer`;
+  `profile`: a folder for a trace of `steps` more steps, summarised (mae_jax/bench_profile.py)."""
   import jax
   import numpy as np
 
   from mae_jax import sharding
+  from mae_jax.models import vit
 
   if config.train.num_steps <= 0:
     config.train.num_steps = max(steps + warmup, 1)
@@ -368,7 +365,7 @@ def run(config, steps, warmup, compile_only, fixed_by='', every_token=False):
                  memory=compiled.memory_analysis())
   lines = [
       f'model                    {config.objective} {config.model.variant} at {config.data.img_size} px, '
-      f'{num_params / 1e6:.1f}M params, compute {config.model.dtype}, remat '
+      f'{num_params / 1e6:.1f}M params, compute {vit.compute_dtype(config.model)} ({config.model.dtype}), remat '
       f'{config.model.remat and config.model.remat_policy or "off"}',
       f'devices                  {mesh.devices.size} x {device.device_kind} ({device.platform}), '
       f'{process_count} process(es), mesh {dict(mesh.shape)}',
@@ -419,6 +416,12 @@ def run(config, steps, warmup, compile_only, fixed_by='', every_token=False):
       *frozen_cost_lines(trainer, batch, steps, step_s, figures),
   ]
   distributed.log('\n'.join(lines))
+  if profile:
+    with jax.profiler.trace(profile, create_perfetto_trace=True):
+      for _ in range(steps):
+        state, metrics = compiled(state, batch, trainer.frozen)
+        jax.block_until_ready(state)
+    distributed.log('\n'.join(bench_profile.summarize(profile, compiled.as_text(), steps)))
   return figures
 
 
@@ -479,8 +482,9 @@ def compare_lines(config, figures, steps, warmup):
 def check_options(config, f):
   """--compare and --asymmetry's own conditions, before anything is built."""
   from mae_jax import objectives
-  if f.compare and f.compile_only:
-    fail('--compare=torch times steps: it does not work with --compile_only')
+  for name in ('compare', 'profile'):
+    if f[name].value and f.compile_only:
+      fail(f'--{name} times steps: it does not work with --compile_only')
   reason = f.compare and bench_torch.unavailable(config)
   if reason:
     fail(reason)
@@ -507,6 +511,8 @@ def main(argv):
       # TPU and GPU schedulers minimise memory, so the memory-optimised one gives comparable figures.
       os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' ' + CPU_MEMORY_SCHEDULER
   check_options(config, f)
+  if f.profile and 'xla_cpu_enable_xprof_traceme' not in os.environ.get('XLA_FLAGS', ''):
+    os.environ['XLA_FLAGS'] = os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_enable_xprof_traceme=true'  # CPU ops
   try:
     distributed.initialize_from_flags()
   except distributed.DistributedError as e:
@@ -517,7 +523,8 @@ def main(argv):
   if f.per_device_batch > 0:
     config.train.batch_size = f.per_device_batch * jax.device_count() * config.train.grad_accum_steps
   try:
-    figures = run(config, f.steps, f.warmup, f.compile_only, '--per_device_batch' if f.per_device_batch else '')
+    figures = run(config, f.steps, f.warmup, f.compile_only, '--per_device_batch' if f.per_device_batch else '',
+                  profile=f.profile)
     if f.compare:
       distributed.log('\n'.join(compare_lines(config, figures, f.steps, f.warmup)))
     if f.asymmetry:  # at the same batch

@@ -60,7 +60,7 @@ def spec_from_config(config, steps, warmup, device):
       mask_ratio=config.mae.mask_ratio, norm_pix_loss=config.mae.norm_pix_loss,
       gan=dict(adv_weight=config.gan_mae.adv_weight, adv_weight_max=config.gan_mae.adv_weight_max,
                disc_weight=config.gan_mae.disc_weight),
-      dtype=config.model.dtype, remat=bool(config.model.remat), batch_size=config.train.batch_size,
+      dtype=str(vit.compute_dtype(config.model)), remat=bool(config.model.remat), batch_size=config.train.batch_size,
       lr=config.train.blr * config.train.batch_size / 256, betas=(config.train.b1, config.train.b2),
       weight_decay=config.train.weight_decay, seed=config.seed, steps=steps, warmup=warmup,
       threads=len(os.sched_getaffinity(0)), device=device)

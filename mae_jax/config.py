@@ -8,12 +8,12 @@ import numbers
 
 import ml_collections
 
-from mae_jax.models import vit
+from mae_jax.models import convvit, vit
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DATA_SOURCES = ('embedded', 'tfds', 'folder')
-DTYPES = ('float32', 'bfloat16')
+DTYPES = ('auto', 'float32', 'bfloat16')
 
 
 class ConfigError(ValueError):
@@ -29,14 +29,18 @@ def base_config():
   c.seed = 0
 
   c.model = ml_collections.ConfigDict(dict(
-      variant='B/16',          # <size>/<patch>; sizes: pico, nano (tests), Ti, S, B, L, H
+      variant='B/16',          # <size>/<patch>; sizes: pico, nano (tests), Ti, S, B, L, H; or ConvMAE's hybrid
+                               # ConvViT: convpico, convnano (tests), convB, <patch> the total stride (16: 4, 2, 2)
       mlp_ratio=4.0,
       drop_path_rate=0.0,      # MAE pretraining uses none
       dropout=0.0,
-      dtype='float32',         # compute dtype; parameters stay float32, attention softmax is float32
+      dtype='auto',            # compute dtype; auto: bfloat16 on GPU/TPU, float32 on CPU. Params and softmax: float32
       remat=False,             # rematerialise transformer blocks (trade compute for memory)
       remat_policy='full',     # with remat: full (save nothing) | dots (save matmul outputs) | dots_no_batch
       decoder=dict(width=512, depth=8, num_heads=16),
+      # ConvViT variants only (mae_jax/models/convvit.py): a cls token (ConvMAE v2 / MR-MCMAE; v1 has none), and
+      # the multi-scale fusion of the conv stages' outputs before the final norm (pretraining; never when pooled)
+      convvit=dict(cls_token=False, fusion=True),
   ))
 
   # Each objective's and each task's own section (config.mae, config.gan_mae, config.finetune, ...), defined
@@ -156,7 +160,7 @@ def validate(config):
   require(config.objective in objectives.OBJECTIVES,
           f'config.objective={config.objective!r} is not one of {sorted(objectives.OBJECTIVES)}')
   try:
-    patch = vit.parse_variant(config.model.variant)['patch_size']
+    patch = convvit.encoder_dims(config.model.variant)['patch_size']
   except ValueError as e:
     raise ConfigError(f'config.model.variant: {e}') from None
   require(config.data.img_size > 0 and config.data.img_size % patch == 0,

@@ -12,18 +12,12 @@ import jax.numpy as jnp
 import optax
 from etils import epath
 
-from mae_jax import checkpoint, data, distributed, frozen, metrics, optim, preemption, sharding, tasks
+from mae_jax import checkpoint, data, distributed, frozen, metrics, optim, paths, preemption, sharding, tasks
 from mae_jax import workdir as workdir_lib
 from mae_jax import config as config_lib
 
 
-def check_workdir(workdir):
-  parent = os.path.dirname(os.path.abspath(workdir))
-  if not os.path.isdir(parent):
-    raise config_lib.ConfigError(f'--workdir={workdir}: the parent directory {parent} does not exist')
-  os.makedirs(workdir, exist_ok=True)
-  if not os.access(workdir, os.W_OK):
-    raise config_lib.ConfigError(f'--workdir={workdir} is not writable')
+check_workdir = workdir_lib.check
 
 
 def check_batch(config, mesh):
@@ -52,24 +46,6 @@ def make_init_fn(objective, tx, seed):
     collections = objective.init_collections(jax.random.fold_in(rng, 1))
     return {**state, 'collections': collections} if collections else state  # only tasks with BatchNorm have them
   return init_state
-
-
-def skip_nonfinite(train_step):
-  """Keeps the previous params and optimizer state when the loss or gradients are not finite, and
-  counts it in the state; the host decides whether to stop (`check_nonfinite`)."""
-  def guarded(state, batch, frozen_params=None):
-    new, step_metrics = train_step(state, batch, frozen_params)
-    finite = jnp.isfinite(step_metrics['loss']) & jnp.isfinite(step_metrics['grad_norm'])
-    keep_if_bad = lambda updated, previous: jnp.where(finite, updated, previous)
-    counts = state['nonfinite']
-    kept = {key: jax.tree.map(keep_if_bad, new[key], state[key]) for key in ('params', 'opt_state', 'collections')
-            if key in state}
-    new = {**new, **kept,
-           'nonfinite': {'total': counts['total'] + (~finite).astype(jnp.int32),
-                         'consecutive': jnp.where(finite, 0, counts['consecutive'] + 1),
-                         'last_step': jnp.where(finite, counts['last_step'], new['step'])}}
-    return new, {**step_metrics, 'nonfinite_steps': new['nonfinite']['total']}
-  return guarded
 
 
 def check_nonfinite(state, train_config, step):
@@ -111,10 +87,18 @@ def phase_grad_fn(objective, phase, single=True):
   return jax.value_and_grad(loss_of, has_aux=True)
 
 
-def make_train_step(objective, tx, schedule, grad_accum_steps=1, trainable=None, batch_hook=None):
+def make_train_step(objective, tx, schedule, grad_accum_steps=1, trainable=None, batch_hook=None,
+                    skip_nonfinite=False):
   """The step: for each of `objective.update_phases()` in order (one by default), gradients of its loss,
   averaged over `grad_accum_steps` micro-batches, then its optimizer update (`tx.update(..., phase=name)`
   when there are several phases; see `Objective.update_phases`).
+
+  `skip_nonfinite`: when the loss or the gradient norm is not finite, the step keeps the previous params,
+  optimizer state and collections, and counts it in `state['nonfinite']`; the host decides whether to stop
+  (`check_nonfinite`). With one phase the update runs under a `lax.cond`: a select between the old and the
+  new params and moments after it would cost another pass over three times the parameters, as much as the
+  update itself on a CPU (docs/performance.md). Several phases update one after the other, so there the old
+  values are selected back.
 
   The step takes (state, batch, frozen): `frozen` are the frozen networks' params ({name: params}), merged
   into the params the loss sees behind a stop-gradient, so their gradients are never formed. `trainable`
@@ -152,6 +136,10 @@ def make_train_step(objective, tx, schedule, grad_accum_steps=1, trainable=None,
       return jax.tree.map(lambda _: True, grads)
     return trainable[name] if isinstance(trainable, optim.PhaseTrainable) else trainable
 
+  def apply_update(phase, grads, params, opt_state):
+    updates, opt_state = tx.update(grads, opt_state, params, **({'phase': phase.name} if several else {}))
+    return optax.apply_updates(params, updates), opt_state
+
   def train_step(state, batch, frozen_params=None):
     frozen_params = frozen_params or {}
     # A fresh key per step, folded inside jit: the same on every mesh, and restored with the step.
@@ -166,10 +154,14 @@ def make_train_step(objective, tx, schedule, grad_accum_steps=1, trainable=None,
       phase_rng = jax.random.fold_in(rng, index) if several else rng
       (loss, (phase_metrics, collections)), grads = gradients(grad_fn, params, frozen_params, collections, batch,
                                                               phase_rng)
-      updates, opt_state = tx.update(grads, opt_state, params, **({'phase': phase.name} if several else {}))
-      params = optax.apply_updates(params, updates)
       losses.append(loss)
       norms.append(trainable_norm(grads, phase_trainable(phase.name, grads)))
+      if skip_nonfinite and not several:
+        params, opt_state = jax.lax.cond(jnp.isfinite(loss) & jnp.isfinite(norms[-1]),
+                                         lambda p_o: apply_update(phase, grads, *p_o), lambda p_o: p_o,
+                                         (params, opt_state))
+      else:
+        params, opt_state = apply_update(phase, grads, params, opt_state)
       step_metrics.update(phase_metrics)
       if several:
         step_metrics.update({f'loss/phase_{phase.name}': loss, f'grad_norm/{phase.name}': norms[-1]})
@@ -177,7 +169,22 @@ def make_train_step(objective, tx, schedule, grad_accum_steps=1, trainable=None,
         'loss': losses[0] if not several else sum(losses), 'lr': schedule(state['step']),
         'grad_norm': norms[0] if not several else jnp.sqrt(sum(n**2 for n in norms))})
     new = {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
-    return ({**new, 'collections': collections} if 'collections' in state else new), step_metrics
+    if 'collections' in state:
+      new['collections'] = collections
+    if not skip_nonfinite:
+      return new, step_metrics
+    finite = jnp.isfinite(step_metrics['loss']) & jnp.isfinite(step_metrics['grad_norm'])
+    keep_if_bad = lambda updated, previous: jnp.where(finite, updated, previous)
+    if several:
+      new['params'], new['opt_state'] = jax.tree.map(keep_if_bad, (params, opt_state),
+                                                     (state['params'], state['opt_state']))
+    if 'collections' in state:
+      new['collections'] = jax.tree.map(keep_if_bad, new['collections'], state['collections'])
+    counts = state['nonfinite']
+    new['nonfinite'] = {'total': counts['total'] + (~finite).astype(jnp.int32),
+                        'consecutive': jnp.where(finite, 0, counts['consecutive'] + 1),
+                        'last_step': jnp.where(finite, counts['last_step'], new['step'])}
+    return new, {**step_metrics, 'nonfinite_steps': new['nonfinite']['total']}
   return train_step
 
 
@@ -227,8 +234,8 @@ class Trainer:
     self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                        abstract_state, self.state_sharding)
     step_fn = make_train_step(self.objective, self.tx, self.schedule, config.train.grad_accum_steps,
-                              optim.trainable_leaves(config, trainable), self.task.batch_hook)
-    jitted = jax.jit(skip_nonfinite(step_fn),
+                              optim.trainable_leaves(config, trainable), self.task.batch_hook, skip_nonfinite=True)
+    jitted = jax.jit(step_fn,
                      in_shardings=(self.state_sharding, sharding.batch_sharding(self.mesh), frozen_sharding),
                      out_shardings=(self.state_sharding, sharding.replicated(self.mesh)), donate_argnums=(0,))
     self.train_step = BoundStep(jitted, self.frozen)
@@ -248,7 +255,7 @@ class Trainer:
 def warm_start(state, trainer, source):
   """Replaces the initial params with those of `source` (a run's workdir or an imported params file) that
   match by name and shape."""
-  if os.path.isdir(checkpoint.directory(source)):
+  if paths.isdir(checkpoint.directory(source)):
     source_config, params = checkpoint.load_params(source)
   else:
     from mae_jax.export import load_init_params  # an imported PyTorch release (python -m mae_jax.export import)
@@ -272,7 +279,7 @@ def train_and_evaluate(config, workdir):
                      or epath.Path(config.init_from).exists(),
                      f'config.init_from={config.init_from} does not exist (a workdir, or a file of '
                      'python -m mae_jax.export import)')
-  created = not os.path.isdir(workdir)
+  created = not paths.is_remote(workdir) and not os.path.isdir(workdir)
   check_workdir(workdir)
   try:
     with workdir_lib.Lock(workdir, enabled=jax.process_index() == 0) as lock:
@@ -370,6 +377,7 @@ def _train_and_evaluate(config, workdir, watch, ckpt, trainer):
       preempted = watch.reached(step)
       if preempted or ckpt.manager.should_save(step):
         check_nonfinite(state, cfg.train, step)  # never checkpoint past a step that must stop the run
+        writer.flush()  # the log up to the step saved: in a bucket it is buffered (metrics.py)
         ckpt.save(step, state, cfg, force=preempted)
       if preempted:
         ckpt.close()
@@ -383,6 +391,7 @@ def _train_and_evaluate(config, workdir, watch, ckpt, trainer):
         evaluate(step, lambda evaluator: evaluator.every_steps and step % evaluator.every_steps == 0)
     skipped_steps = check_nonfinite(state, cfg.train, step)
     if ckpt.latest_step() != step:
+      writer.flush()
       ckpt.save(step, state, cfg, force=True)
   finally:
     ckpt.close()  # waits for in-flight saves: what was saved is complete

@@ -28,8 +28,8 @@ def one_error_line(result, exit_code, text):
   assert line.startswith('mae_jax.bench: error: ') and text in line, line
 
 
-def test_compare_torch_and_asymmetry():
-  stdout = run_cli('bench', *TINY, '--compare=torch', '--asymmetry', check=True).stdout
+def test_compare_torch_asymmetry_and_profile(tmp_path):
+  stdout = run_cli('bench', *TINY, '--compare=torch', '--asymmetry', f'--profile={tmp_path}', check=True).stdout
   jax_ips, torch_ips, ratio = map(float, figure(r'compare +jax ([\d.]+) img/s, torch ([\d.]+) img/s, '
                                                 r'ratio ([\d.]+)x \(jax/torch\)', stdout))
   assert ratio == pytest.approx(jax_ips / torch_ips, rel=0.01)
@@ -41,6 +41,12 @@ def test_compare_torch_and_asymmetry():
   flops, time = map(float, figure(r'encoder on all 64 patches instead of 16: ([\d.]+)x the FLOPs, ([\d.]+)x the '
                                   r'step time', stdout))
   assert flops > 1.5 and time > 0
+  # The trace's op time, mapped back to the modules and passes of the step.
+  total, = figure(r'profile +([\d.]+) ms of op time per step', stdout)
+  parts = dict((name, float(ms)) for ms, name in re.findall(r'^ +([\d.]+) ms +[\d.]+%  (.+)$', stdout, re.M))
+  for name in ('ViT forward linear', 'ViT backward linear', 'MAEDecoder backward attention core',
+               'step optimizer, norms, other'):
+    assert 0 < parts[name] < float(total), (name, parts)
 
 
 @pytest.mark.slow
@@ -75,3 +81,5 @@ def test_option_errors_are_one_line():
                  "--compare=torch is not available for objective 'vqgan'")
   one_error_line(run_cli('bench', '--config=configs/mage_tiny_cpu.py', '--asymmetry'), 2,
                  "--asymmetry is for MAE-family pretraining")
+  one_error_line(run_cli('bench', *TINY, '--profile=/tmp/never', '--compile_only'), 2,
+                 '--profile times steps: it does not work with --compile_only')

@@ -197,3 +197,23 @@ def test_a_full_disk_stops_with_a_message_and_keeps_the_previous_checkpoints(sma
   assert steps, 'no checkpoint survived'
   params = final_params(workdir)  # the newest surviving checkpoint restores
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize('name', ['mae_tiny_cpu', 'gan_mae_tiny_cpu'])  # one update phase (a cond), two (a select)
+def test_a_nonfinite_step_keeps_the_params_and_optimizer_state_bitwise(load_config, name):
+  from mae_jax import bench, train
+  config = load_config(name)
+  config.model.variant = 'pico/4'
+  config.train.update(batch_size=8, num_steps=4)
+  trainer = train.Trainer(config, loader=bench.SyntheticLoader(config, 1))
+  batch = bench.SyntheticLoader(config, 1).local_batch(0)
+  state, _ = trainer.train_step(trainer.init_state(), batch)  # the first step's learning rate is 0
+  before = jax.device_get({k: state[k] for k in ('params', 'opt_state')})
+  nan_batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+  state, metrics = trainer.train_step(state, nan_batch)
+  assert not np.isfinite(metrics['loss']) and int(metrics['nonfinite_steps']) == 1
+  assert_bitwise_equal(jax.device_get({k: state[k] for k in ('params', 'opt_state')}), before)
+  state, metrics = trainer.train_step(state, batch)  # a finite step updates, and the run of bad steps is over
+  assert np.isfinite(metrics['loss']) and int(state['nonfinite']['consecutive']) == 0
+  assert not np.array_equal(jax.device_get(state['params']['encoder']['patch_embed']['proj']['kernel']),
+                            before['params']['encoder']['patch_embed']['proj']['kernel'])

@@ -114,6 +114,8 @@ def test_tpu_run_starts_main_on_all_workers_with_distributed_init():
   assert ssh[:6] == ['gcloud', 'compute', 'tpus', 'tpu-vm', 'ssh', 'mae'] and '--worker=all' in ssh
   remote = shlex.split(next(w for w in ssh if w.startswith('--command=')).split('=', 1)[1])
   assert 'MAE_JAX_DISTRIBUTED=1' in remote and 'TFDS_DATA_DIR=gs://b/tfds' in remote
+  [tpu_flags] = [w for w in remote if w.startswith('LIBTPU_INIT_ARGS=')]  # one word: FSDP's async collectives
+  assert '--xla_tpu_overlap_compute_collective_tc=true' in tpu_flags.split()
   start = remote.index('mae_jax.main') + 1
   assert remote[start:start + len(MAIN_ARGS)] == MAIN_ARGS  # the arguments arrive intact, quotes and spaces
   assert 'setsid' in remote and '~/mae_jax.log' in remote
@@ -152,7 +154,9 @@ def test_gpu_single_host(fake_bin):
   assert command[:4] == ['cd', REPO, '&&', 'env']
   rest = command[4:]
   assert rest[:3] == ['CUDA_VISIBLE_DEVICES=0,1,2,3', 'MAE_JAX_DISTRIBUTED=0', 'XLA_PYTHON_CLIENT_MEM_FRACTION=0.9']
-  assert rest[3:6] == ['/venv/bin/python', '-m', 'mae_jax.main'] and rest[6:] == MAIN_ARGS
+  # The caller's XLA flags first, then the latency-hiding scheduler.
+  assert rest[3] == f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')} --xla_gpu_enable_latency_hiding_scheduler=true"
+  assert rest[4:7] == ['/venv/bin/python', '-m', 'mae_jax.main'] and rest[7:] == MAIN_ARGS
   assert script('gpu.sh', '--gpus=0;rm', '--', *MAIN_ARGS, check=False).returncode == 2
   # Without --dry-run it runs exactly that (a recording stand-in for python).
   env, record = fake_bin

@@ -33,6 +33,7 @@ import ml_collections
 
 from mae_jax.config import require
 from mae_jax.models.patchify import compose, patchify, unpatchify
+from mae_jax.models import vit
 from mae_jax.models.vit import dense_init
 from mae_jax.objectives.base import PhaseTrainable, UpdatePhase
 from mae_jax.objectives.mae import MAE, reconstruction_loss
@@ -113,7 +114,7 @@ class GANMAE(MAE):
     self.adv_weight, self.adv_weight_max = g.adv_weight, g.adv_weight_max
     self.disc_weight, self.disc_reduction = g.disc_weight, g.disc_loss
     self.adv_through_disc_encoder = g.adv_through_disc_encoder
-    self.disc_head = nn.Dense(1, dtype=jnp.dtype(config.model.dtype), kernel_init=dense_init)
+    self.disc_head = nn.Dense(1, dtype=vit.compute_dtype(config.model), kernel_init=dense_init)
 
   def init(self, rng):
     params = super().init(rng)  # the same encoder and decoder as MAE's from the same key

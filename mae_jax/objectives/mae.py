@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mae_jax.config import require
-from mae_jax.models import masking, vit
+from mae_jax.models import convvit, masking, vit
 from mae_jax.models.decoder import MAEDecoder
 from mae_jax.models.patchify import compose, normalize_patches, patchify, unpatchify
 from mae_jax.objectives.base import Objective
@@ -38,7 +38,7 @@ class MAE(Objective):
   def validate(cls, config):
     ratio = config.mae.mask_ratio
     require(0.0 < ratio < 1.0, f'config.mae.mask_ratio={ratio} must be in (0, 1)')
-    patches = (config.data.img_size // vit.parse_variant(config.model.variant)['patch_size']) ** 2
+    patches = (config.data.img_size // convvit.encoder_dims(config.model.variant)['patch_size']) ** 2
     require(masking.num_kept(patches, ratio) >= 1,
             f'config.mae.mask_ratio={ratio} leaves no visible patch of the {patches} (int({patches} * (1 - ratio)) = 0)')
 
@@ -51,7 +51,8 @@ class MAE(Objective):
     dec = config.model.decoder
     self.decoder = MAEDecoder(self.encoder.grid_size, out_dim=self.patch_size**2 * 3, width=dec.width,
                               depth=dec.depth, num_heads=dec.num_heads, mlp_ratio=config.model.mlp_ratio,
-                              dtype=jnp.dtype(config.model.dtype), remat=vit.remat_option(config.model))
+                              dtype=vit.compute_dtype(config.model), remat=vit.remat_option(config.model),
+                              cls_token=self.encoder.num_prefix_tokens > 0)
 
   def init(self, rng):
     enc_rng, dec_rng = jax.random.split(rng)
@@ -63,17 +64,22 @@ class MAE(Objective):
     return {'encoder': enc_vars['params'], 'decoder': dec_vars['params']}
 
   def num_fixed_params(self):
-    return super().num_fixed_params() + (self.encoder.num_patches + 1) * self.decoder.width
+    return super().num_fixed_params() + (self.encoder.num_patches + self.decoder.cls_token) * self.decoder.width
+
+  # The benchmark's baseline for the MAE paper's Table 2 (`mae_jax.bench --asymmetry`): the encoder runs on every
+  # patch, in shuffled order, while the decoder and the loss keep the mask. Compute only: it leaks the targets.
+  encode_every_patch = False
 
   def random_masking(self, noise):
     """MAE's mask of `noise` (N, L): `masking.Masking` keeping int(L * (1 - mask_ratio)) tokens."""
-    return masking.random_masking(noise, masking.num_kept(noise.shape[1], self.mask_ratio))
+    m = masking.random_masking(noise, masking.num_kept(noise.shape[1], self.mask_ratio))
+    return m._replace(ids_keep=jnp.argsort(noise, axis=1)) if self.encode_every_patch else m
 
   def sample_noise(self, example_keys):
     return masking.example_noise(example_keys, self.encoder.num_patches)
 
   def encode(self, params, images, noise, rng=None, train=False):
-    """The encoder on the visible patches: (its tokens (N, 1 + K, D) after the final norm, the `masking.Masking`)."""
+    """The encoder on the visible patches: (its tokens (N, [1 +] K, D) after the final norm, the `masking.Masking`)."""
     rngs = {'dropout': rng} if rng is not None else {}
     m = self.random_masking(noise)
     return self.encoder.apply({'params': params['encoder']}, images, m.ids_keep, train, rngs=rngs)['tokens'], m

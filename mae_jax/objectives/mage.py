@@ -187,7 +187,7 @@ class MAGE(Objective):
     self.tokenizer = vqgan.from_config(config.vqgan)
     self.codebook_size = config.vqgan.n_embed
     self.vocab_size, self.fake_class_id, self.mask_id = vocabulary(self.codebook_size)
-    dtype = jnp.dtype(config.model.dtype)
+    dtype = vit.compute_dtype(config.model)
     self.encoder = vit.encoder_from_config(
         config.model, self.img_size, stem='tokens', vocab_size=self.vocab_size, prefix_ids=1, cls_token=False,
         posemb='learned', norm_embeddings=True, embed_dropout=m.embed_dropout, attn_dropout=m.attn_dropout)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mae_jax.config import require
+from mae_jax.models import vit
 from mae_jax.models import vqgan as vqgan_model
 from mae_jax.objectives.base import Objective, PhaseTrainable, UpdatePhase
 
@@ -153,7 +154,7 @@ class VQGANTokenizer(Objective):
   def __init__(self, config):
     super().__init__(config)
     v = config.vqgan
-    dtype = jnp.dtype(config.model.dtype)
+    dtype = vit.compute_dtype(config.model)
     self.vqgan = vqgan_model.from_config(v, dtype)
     self.n_embed = v.n_embed
     self.l1_weight, self.l2_weight = v.l1_weight, v.l2_weight
