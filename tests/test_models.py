@@ -131,6 +131,21 @@ def test_bfloat16_compute_keeps_float32_params_and_tracks_float32():
 
 
 @pytest.mark.slow
+def test_attention_core_backward_matches_autodiff_of_the_softmax():
+  q, k, v = (jax.random.normal(jax.random.key(i), (2, 3, 7, 8)) for i in range(3))
+  d_out = jax.random.normal(jax.random.key(3), (2, 3, 7, 8))
+
+  def plain(q, k, v):
+    weights = jax.nn.softmax(jnp.einsum('nhqd,nhkd->nhqk', q, k) / math.sqrt(8), axis=-1)
+    return jnp.einsum('nhqk,nhkd->nhqd', weights, v)
+
+  out, vjp = jax.vjp(vit.attention_core, q, k, v)
+  want_out, want_vjp = jax.vjp(plain, q, k, v)
+  np.testing.assert_allclose(out, want_out, rtol=1e-5, atol=1e-6)
+  for got, want in zip(vjp(d_out), want_vjp(d_out)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_remat_does_not_change_outputs_or_gradients():
   images = jax.random.normal(jax.random.key(1), (2, 16, 16, 3))
   plain = vit.ViT(**SMALL)

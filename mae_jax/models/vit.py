@@ -160,6 +160,36 @@ class DropPath(nn.Module):
     return jnp.where(survive, x / keep, 0.0).astype(x.dtype)
 
 
+def _attention_forward(q, k, v):
+  logits = jnp.einsum('nhqd,nhkd->nhqk', q, k, preferred_element_type=jnp.float32) * q.shape[-1]**-0.5
+  weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  out = jnp.einsum('nhqk,nhkd->nhqd', weights, v)
+  return out, (q, k, v, weights, out)
+
+
+def _attention_backward(residuals, d_out):
+  q, k, v, weights, out = residuals
+  d_weights = jnp.einsum('nhqd,nhkd->nhqk', d_out, v, preferred_element_type=jnp.float32)
+  d_v = jnp.einsum('nhqk,nhqd->nhkd', weights, d_out)
+  # Softmax backward in the flash-attention form: rowsum(dO * O) instead of rowsum(dP * P) over L x L.
+  row = jnp.sum(d_out.astype(jnp.float32) * out, axis=-1, keepdims=True)
+  d_logits = (weights * (d_weights - row) * q.shape[-1]**-0.5).astype(q.dtype)
+  return jnp.einsum('nhqk,nhkd->nhqd', d_logits, k), jnp.einsum('nhqk,nhqd->nhkd', d_logits, q), d_v
+
+
+@jax.custom_vjp
+def attention_core(q, k, v):
+  """softmax(q k^T / sqrt(d)) v on head-major (n, h, L, d) operands, without attention dropout.
+
+  The hand-written backward saves XLA:CPU's autodiff of the softmax (its L x L intermediates and transposes):
+  the decoder's attention forward + backward is ~20% faster on CPU (docs/performance.md).
+  """
+  return _attention_forward(q, k, v)[0]
+
+
+attention_core.defvjp(_attention_forward, _attention_backward)
+
+
 class Attention(nn.Module):
   """timm's Attention: `attn_dropout` on the attention weights, `proj_dropout` after the projection."""
   num_heads: int
@@ -178,13 +208,13 @@ class Attention(nn.Module):
     if jax.default_backend() == 'gpu' and (deterministic or not self.attn_dropout):
       # cuDNN's fused (flash) attention where it applies (bf16/fp16 inputs), XLA's otherwise; fp32 softmax.
       out = jax.nn.dot_product_attention(q, k, v, implementation=None)
-    else:
-      # Head-major operands (batch dims first) spare XLA the transposes around both matmuls: on CPU the
-      # attention's forward + backward is ~20% faster than with 'nqhd,nkhd' (docs/performance.md).
+    elif not deterministic and self.attn_dropout:
       q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
       logits = jnp.einsum('nhqd,nhkd->nhqk', q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
       weights = nn.Dropout(self.attn_dropout)(jax.nn.softmax(logits, axis=-1), deterministic).astype(self.dtype)
       out = jnp.einsum('nhqk,nhkd->nqhd', weights, v)
+    else:
+      out = attention_core(*(x.transpose(0, 2, 1, 3) for x in (q, k, v))).transpose(0, 2, 1, 3)
     out = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='proj')(out.reshape(n, length, dim))
     return nn.Dropout(self.proj_dropout)(out, deterministic)
 
