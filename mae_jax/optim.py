@@ -97,12 +97,15 @@ def _first_match(rules, path, default):
   return next((value for pattern, value in rules if re.fullmatch(pattern, path)), default)
 
 
-_STEM = re.compile(r'encoder/(cls_token|pos_embed|patch_embed|token_embed)(/.*)?')
-_BLOCK = re.compile(r'encoder/blocks_(\d+)/.*')
+# ConvMAE's util/lr_decay.py puts its conv stages ('patch_embed1-4', 'blocks1_*', 'blocks2_*') in layer 0 with
+# the stem and counts only the transformer stage 'blocks3_{i}'.
+_STEM = re.compile(r'encoder/(cls_token|pos_embed|patch_embed\d?|token_embed|blocks[12]_\d+)(/.*)?')
+_BLOCK = re.compile(r'encoder/blocks3?_(\d+)/.*')
 
 
 def _num_layers(tree):
-  """The reference's num_layers = depth + 1, depth counted from the tree's 'encoder/blocks_{i}'."""
+  """The reference's num_layers = depth + 1, depth counted from the tree's 'encoder/blocks_{i}' (a ConvViT's
+  'encoder/blocks3_{i}')."""
   return len({m.group(1) for m in map(_BLOCK.fullmatch, _paths(tree)) if m}) + 1
 
 

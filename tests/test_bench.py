@@ -28,6 +28,7 @@ def one_error_line(result, exit_code, text):
   assert line.startswith('mae_jax.bench: error: ') and text in line, line
 
 
+@pytest.mark.slow
 def test_compare_torch_asymmetry_and_profile(tmp_path):
   stdout = run_cli('bench', *TINY, '--compare=torch', '--asymmetry', f'--profile={tmp_path}', check=True).stdout
   jax_ips, torch_ips, ratio = map(float, figure(r'compare +jax ([\d.]+) img/s, torch ([\d.]+) img/s, '

@@ -274,6 +274,15 @@ def test_convmae_base_has_the_reference_shapes():
 
 # ---- 2. no leakage ----
 
+@pytest.mark.parametrize('cls_token', [False, True])
+def test_knn_features_pool_every_patch_token_and_no_cls(cls_token):
+  _, objective, params = model_and_params('pico/16', cls_token)
+  images, _ = images_and_noise(objective)
+  tokens = objective.encoder.apply({'params': params['encoder']}, images)['tokens']
+  assert tokens.shape[1] == objective.encoder.num_patches + cls_token
+  np.testing.assert_allclose(objective.features(params, images), tokens[:, int(cls_token):].mean(axis=1), atol=1e-6)
+
+
 def test_masked_patch_pixels_reach_no_kept_output():
   """With the mask fixed, new pixels in one masked 16x16 patch change no kept stage position, no fused or final
   token (jitted); the same change in a kept patch, or with the depthwise convs unmasked, does."""

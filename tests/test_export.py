@@ -251,6 +251,7 @@ def test_round_trip_vit_b_is_bitwise(tmp_path):
 
 
 # The command line, both verbs, in fresh processes, on a real orbax checkpoint of the CPU demo's model.
+@pytest.mark.slow
 def test_cli(tmp_path):
   from mae_jax import checkpoint  # pylint: disable=g-import-not-at-top
   config_file = 'configs/mae_tiny_cpu.py'

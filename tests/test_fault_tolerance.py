@@ -199,7 +199,8 @@ def test_a_full_disk_stops_with_a_message_and_keeps_the_previous_checkpoints(sma
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
 
 
-@pytest.mark.parametrize('name', ['mae_tiny_cpu', 'gan_mae_tiny_cpu'])  # one update phase (a cond), two (a select)
+# One update phase (a cond), two (a select).
+@pytest.mark.parametrize('name', ['mae_tiny_cpu', pytest.param('gan_mae_tiny_cpu', marks=pytest.mark.slow)])
 def test_a_nonfinite_step_keeps_the_params_and_optimizer_state_bitwise(load_config, name):
   from mae_jax import bench, train
   config = load_config(name)

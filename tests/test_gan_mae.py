@@ -297,6 +297,7 @@ def test_vitb_config_is_maes_recipe_for_200_epochs_plus_a_769_param_head():
   assert count(gan) == 111_655_680 + 769
 
 
+@pytest.mark.slow
 def test_short_tiny_training_run_has_finite_losses():
   config = tiny_config()
   config.train.update(batch_size=16, num_steps=6)

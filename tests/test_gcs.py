@@ -41,6 +41,7 @@ def bucket_run(gcs):  # pylint: disable=redefined-outer-name
   return workdir, result.stdout
 
 
+@pytest.mark.slow
 def test_a_run_trains_into_a_bucket(bucket_run):  # pylint: disable=redefined-outer-name
   workdir, stdout = bucket_run
   assert f'checkpoint at step 10 in {workdir}/checkpoints' in stdout
@@ -127,6 +128,7 @@ def test_warm_start_from_the_bucket_on_an_image_folder_in_the_bucket(bucket_run,
   assert f'Warm start from {bucket_run[0]}: loaded' in result.stdout and 'Done: 2 steps' in result.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_bucket_or_run_is_one_line(gcs):  # pylint: disable=redefined-outer-name
   result = run_main(*QUICK, '--workdir=gs://no-such-bucket/run', env=gcs.env)
   assert result.returncode == 2

@@ -218,6 +218,7 @@ def read_png(path):
   return np.asarray(Image.open(path))
 
 
+@pytest.mark.slow
 def test_the_command_generates_pngs_and_a_grid_from_an_imported_release(tmp_path):
   release = write_random_release(tmp_path / 'release.msgpack', load_config('mage_tiny_cpu'))
   out = tmp_path / 'samples'

@@ -38,6 +38,7 @@ def max_abs(tree):
   return max(float(np.max(np.abs(x))) for x in jax.tree.leaves(tree) if np.size(x))
 
 
+@pytest.mark.slow
 def test_accumulated_micro_batches_match_one_big_batch():
   initial = jax.device_get(train.Trainer(tiny_config(1), devices=jax.devices()[:1]).init_state())
   whole, whole_metrics = one_step(tiny_config(1), initial)

@@ -154,6 +154,7 @@ def test_config_changes_classifies_fields():
 # --- item 5: SIGINT, and signals in every phase -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_the_current_step_and_exits_130(tmp_path):
   workdir = str(tmp_path / 'run')
   process = start_main(*QUICK, '--config.train.num_steps=100000', f'--workdir={workdir}')

@@ -8,6 +8,7 @@ import re
 import zipfile
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -20,7 +21,9 @@ from mae_jax import objectives  # pylint: disable=g-import-not-at-top
 from mae_jax import export
 from mae_jax.config import ConfigError
 from mae_jax.export import tables
+from mae_jax.export import torch_import
 from mae_jax.export.torch_import import UnreadableFileError
+from mae_jax.models.vit import posemb_sincos_2d
 from test_export import _fp32_matmuls  # pylint: disable=unused-import  (autouse fixture)
 from test_export import (hf_outputs, hf_to_official, hf_vitmae, images_and_noise, jax_outputs, make_config,
                          max_err, model_and_params, nchw, timm_vit, to_torch_sd)
@@ -146,6 +149,13 @@ def test_half_precision_weights_import_exactly_and_their_fixed_tables_are_recogn
   torch.save({'model': {**half, 'pos_embed': half['pos_embed'] + 0.01}}, tmp_path / 'learned.pth')
   with pytest.raises(export.ConversionError, match='pos_embed: differs from the fixed sin-cos table'):
     export.import_file(tmp_path / 'learned.pth', tmp_path / 'x.msgpack', config, 'mae-official')
+
+
+@pytest.mark.parametrize('cls_token', [True, False])  # ConvMAE's table has no cls row
+def test_a_half_precision_sincos_table_is_recognised_with_or_without_a_cls_row(cls_token):
+  own = posemb_sincos_2d(32, (4, 4), cls_token)[None].astype(np.float32)
+  assert torch_import._sincos_at_precision(own.astype(ml_dtypes.bfloat16), 32).tobytes() == own.tobytes()
+  assert torch_import._sincos_at_precision((own + 0.01).astype(ml_dtypes.bfloat16), 32) is None
 
 
 def test_non_finite_integer_and_bool_weights_are_errors_naming_the_key(caplog):

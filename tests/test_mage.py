@@ -512,6 +512,7 @@ def test_vitb_runs_one_real_train_step_on_cpu(tmp_path):
 
 # ---- the command line ----
 
+@pytest.mark.slow
 def test_the_tiny_config_trains_from_the_command_line(tmp_path):
   workdir = tmp_path / 'mage_tiny'
   result = run_main('--config=configs/mage_tiny_cpu.py', f'--workdir={workdir}', '--config.train.num_steps=6',

@@ -352,7 +352,7 @@ def test_a_tiny_run_mimics_a_teacher_the_project_pretrained(tmp_path):
     assert records[-1][name] < records[0][name], (name, [r[name] for r in records])
 
 
-@pytest.mark.parametrize('scheme', ['alternating', 'joint'])
+@pytest.mark.parametrize('scheme', [pytest.param('alternating', marks=pytest.mark.slow), 'joint'])
 def test_mimic_composes_with_gan_mae(tmp_path, scheme):
   """Objective mr_gan_mae: GAN-MAE's loss (and generator phase) plus the mimic terms, the heads trained by the
   generator's update; the discriminator's phase is GAN-MAE's own."""

@@ -93,6 +93,28 @@ def test_token_stem_is_layer_zero_and_other_modules_the_last_layer():
   assert lr['encoder']['norm']['scale'] == lr['decoder']['decoder_blocks_0']['w'] == 1.0
 
 
+def test_convvit_layer_decay_matches_convmae_lr_decay():
+  """ConvMAE's util/lr_decay.py: patch_embed1-4 and the conv stages blocks1/blocks2 are layer 0, blocks3.i is
+  layer i + 1 of len(blocks3) + 1, the rest (fc_norm, head) the last layer."""
+  config = config_lib.base_config()
+  config.model.variant = 'convB/16'  # shapes only
+  model = vit.encoder_from_config(config.model, 224, posemb='learned', pool='gap', num_classes=10)
+  params = {'encoder': jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']}
+  lr_scale = flat(optim.param_multipliers(make_config(layer_decay=0.5), params)[0])
+  names = {re.sub(r'(blocks\d)_(\d+)', r'\1.\2', path.removeprefix('encoder/')).replace('/', '.'): scale
+           for path, scale in lr_scale.items()}
+  num_layers = len({n.split('.')[1] for n in names if n.startswith('blocks3.')}) + 1
+
+  def layer_id(name):
+    if name in ('cls_token', 'pos_embed') or name.startswith(('patch_embed', 'blocks1', 'blocks2')):
+      return 0
+    return int(name.split('.')[1]) + 1 if name.startswith('blocks3') else num_layers
+
+  assert num_layers > 2 and any(n.startswith('blocks1.') for n in names)
+  for name, scale in names.items():
+    assert scale == pytest.approx(0.5 ** (num_layers - layer_id(name)), rel=1e-12), name
+
+
 def run_jax(config, schedule, params, grads, trainable=None):
   trainable = jax.tree.map(lambda _: True, params) if trainable is None else trainable
   tx = optim.create(config, schedule, trainable)

@@ -151,6 +151,7 @@ def bench_figures(out, label, pattern):
   return [float(x[:-1]) * scale.get(x[-1], 1) if x.endswith(tuple(scale)) else float(x) for x in match.groups()]
 
 
+@pytest.mark.slow
 @pytest.mark.multidevice
 def test_bench_times_real_steps_and_its_figures_agree():
   out = run_cli('bench', '--config=configs/mae_tiny_cpu.py', '--steps=2', '--warmup=1', '--config.model.variant=pico/4',

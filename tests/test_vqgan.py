@@ -366,6 +366,7 @@ def test_training_steps_lower_the_loss():
   assert all(0 < h['codebook/usage'] <= 1 and 1 <= h['codebook/perplexity'] <= 32 for h in history)
 
 
+@pytest.mark.slow
 def test_joint_run_with_ema_codebook_and_a_delayed_discriminator():
   """One 'joint' run with both kinds of state: the EMA codebook moves by taming's rule, and both players switch
   on at disc_start."""

@@ -193,11 +193,14 @@ def _fixed_table_keys(fmt, objective):
 
 def _sincos_at_precision(value, width):
   """The float32 sin-cos table that `value` (half precision) rounds, or None if it is another table."""
-  tokens = value.shape[1] - 1 if value.ndim == 3 and value.shape[0] == 1 else 0
-  side = math.isqrt(max(tokens, 0))
-  if tokens < 1 or side * side != tokens or value.shape[-1] != width:
+  if value.ndim != 3 or value.shape[0] != 1 or value.shape[-1] != width or value.shape[1] < 1:
     return None
-  own = posemb_sincos_2d(width, (side, side))[None].astype(np.float32)
+  length = value.shape[1]
+  cls_token = math.isqrt(length) ** 2 != length  # a square grid with or without a cls row (ConvMAE has none)
+  side = math.isqrt(length - cls_token)
+  if side * side != length - cls_token:
+    return None
+  own = posemb_sincos_2d(width, (side, side), cls_token)[None].astype(np.float32)
   tolerance = engine.SINCOS_ATOL + float(ml_dtypes.finfo(value.dtype).eps) * np.abs(own)  # one unit in the last place
   return own if np.all(np.abs(value.astype(np.float32) - own) <= tolerance) else None
 

@@ -114,7 +114,7 @@ class Objective(abc.ABC):
   def features(self, params, images):
     """(N, D) global-average-pooled encoder features of the unmasked images, for kNN evaluation."""
     tokens = self.encoder.apply({'params': params['encoder']}, images)['tokens']
-    return tokens[:, 1:].mean(axis=1)
+    return tokens[:, self.encoder.num_prefix_tokens:].mean(axis=1)
 
   def visualize(self, params, images, rng):
     """Optional: dict of image batches (same layout as `images`) to show in TensorBoard, or None."""
