@@ -245,13 +245,7 @@ class ConvViT(nn.Module):
     if self.fuses:
       self.stage1_output_decode = conv(w3, p2 * p3, w1, self.dtype, p2 * p3)
       self.stage2_output_decode = conv(w3, p3, w2, self.dtype, p3)
-    if self.pool == 'gap':
-      self.fc_norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    else:
-      self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    if self.num_classes:
-      self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=vit.timm_trunc_normal(self.head_init_std),
-                           bias_init=nn.initializers.zeros)
+    vit.add_readout(self)
 
   def __call__(self, images, ids_keep: Optional[jnp.ndarray] = None, train: bool = False):
     """images (N, H, W, 3); ids_keep: optional (N, K) kept patches of the final grid (the rest masked).
@@ -290,22 +284,5 @@ class ConvViT(nn.Module):
     if fused:
       x = jnp.concatenate([x[:, :prefix], x[:, prefix:] + fused[0]], axis=1)
     out['pre_norm'] = x
-    if self.pool == 'gap':
-      out['pooled'] = self.fc_norm(x[:, prefix:].mean(axis=1))
-    else:
-      out['tokens'] = self.norm(x)
-      if self.pool == 'cls':
-        out['pooled'] = out['tokens'][:, 0]
-    if self.num_classes:
-      out['logits'] = self.head(out['pooled']).astype(jnp.float32)
-    return out
+    return vit.readout(self, x, out)
 
-
-def encoder_from_config(model_config, img_size, **overrides):
-  """`vit.encoder_from_config` for a ConvViT variant: the model options plus `config.model.convvit`."""
-  dims = parse_variant(model_config.variant)
-  del dims['stage_patches']
-  options = dict(cls_token=model_config.convvit.cls_token, fusion=model_config.convvit.fusion)
-  return ConvViT(img_size=img_size, **dims, mlp_ratio=model_config.mlp_ratio,
-                 drop_path_rate=model_config.drop_path_rate, dropout=model_config.dropout,
-                 dtype=vit.compute_dtype(model_config), remat=vit.remat_option(model_config), **{**options, **overrides})

@@ -278,6 +278,30 @@ def make_blocks(depth, num_heads, mlp_ratio, drop_path_rate, dropout, dtype, rem
   return [block(num_heads, mlp_ratio, float(rate), dropout, dtype, attn_dropout, norm_eps, act) for rate in rates]
 
 
+def add_readout(model):
+  """In a ViT's or ConvViT's `setup`: the final `norm` (`fc_norm` with pool='gap') and, with classes, the head."""
+  if model.pool == 'gap':
+    model.fc_norm = nn.LayerNorm(epsilon=model.norm_eps, dtype=model.dtype)
+  else:
+    model.norm = nn.LayerNorm(epsilon=model.norm_eps, dtype=model.dtype)
+  if model.num_classes:
+    model.head = nn.Dense(model.num_classes, dtype=model.dtype, kernel_init=timm_trunc_normal(model.head_init_std),
+                          bias_init=nn.initializers.zeros, use_bias=getattr(model, 'head_bias', True))
+
+
+def readout(model, x, out):
+  """`out` with the 'tokens', 'pooled' and 'logits' (see `ViT.__call__`) of the last block's output `x`."""
+  if model.pool == 'gap':
+    out['pooled'] = model.fc_norm(x[:, model.num_prefix_tokens:].mean(axis=1))
+  else:
+    out['tokens'] = model.norm(x)
+    if model.pool == 'cls':
+      out['pooled'] = out['tokens'][:, 0]
+  if model.num_classes:
+    out['logits'] = model.head(out['pooled']).astype(jnp.float32)
+  return out
+
+
 class ViT(nn.Module):
   """The one configurable ViT: every objective's encoder, the fine-tuned classifier and the discriminator.
 
@@ -372,13 +396,7 @@ class ViT(nn.Module):
       self.norm_pre = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
     self.blocks = make_blocks(self.depth, self.num_heads, self.mlp_ratio, self.drop_path_rate, self.dropout,
                               self.dtype, self.remat, self.attn_dropout, self.norm_eps, self.act)
-    if self.pool == 'gap':
-      self.fc_norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    else:
-      self.norm = nn.LayerNorm(epsilon=self.norm_eps, dtype=self.dtype)
-    if self.num_classes:
-      self.head = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=timm_trunc_normal(self.head_init_std),
-                           bias_init=nn.initializers.zeros, use_bias=self.head_bias)
+    add_readout(self)
 
   def __call__(self, inputs, ids_keep: Optional[jax.Array] = None, train: bool = False):
     """inputs: images (N, H, W, C) or token ids (N, prefix_ids + L); ids_keep: optional (N, K) patch indices
@@ -393,7 +411,6 @@ class ViT(nn.Module):
       pooled: (N, D) with a pool.
       logits: (N, num_classes) in fp32 with a head.
     """
-    prefix = self.num_prefix_tokens
     stem = self.patch_embed if self.stem == 'patch' else self.token_embed
     # The cls param's row comes first; the inputs (prefix ids included) take the rest.
     x = stem(inputs) + self.pos_embed[:, int(self.cls_token):].astype(self.dtype)
@@ -414,24 +431,19 @@ class ViT(nn.Module):
       x = block(x, train)
       blocks.append(x)
     out.update(blocks=tuple(blocks), pre_norm=x)
-    if self.pool == 'gap':
-      out['pooled'] = self.fc_norm(x[:, prefix:].mean(axis=1))
-    else:
-      out['tokens'] = self.norm(x)
-      if self.pool == 'cls':
-        out['pooled'] = out['tokens'][:, 0]
-    if self.num_classes:
-      out['logits'] = self.head(out['pooled']).astype(jnp.float32)
-    return out
+    return readout(self, x, out)
 
 
 def encoder_from_config(model_config, img_size, **overrides):
   """Builds a ViT from `config.model` (variant, mlp ratio, drop path, dropout, dtype, remat); `overrides`
   set the other options (posemb='learned', pool='gap', num_classes=1000, ...). A 'conv...' variant is ConvMAE's
-  hybrid ConvViT (`mae_jax.models.convvit`), with the same interface."""
+  hybrid ConvViT (`mae_jax.models.convvit`), with the same interface and `config.model.convvit`'s options."""
+  common = dict(img_size=img_size, mlp_ratio=model_config.mlp_ratio, drop_path_rate=model_config.drop_path_rate,
+                dropout=model_config.dropout, dtype=compute_dtype(model_config), remat=remat_option(model_config))
   if model_config.variant.startswith('conv'):
     from mae_jax.models import convvit  # late: it builds on this module
-    return convvit.encoder_from_config(model_config, img_size, **overrides)
-  return ViT(img_size=img_size, **parse_variant(model_config.variant), mlp_ratio=model_config.mlp_ratio,
-             drop_path_rate=model_config.drop_path_rate, dropout=model_config.dropout,
-             dtype=compute_dtype(model_config), remat=remat_option(model_config), **overrides)
+    dims = convvit.parse_variant(model_config.variant)
+    del dims['stage_patches']  # a property of the ConvViT (the patch size's)
+    options = dict(cls_token=model_config.convvit.cls_token, fusion=model_config.convvit.fusion)
+    return convvit.ConvViT(**dims, **common, **{**options, **overrides})
+  return ViT(**parse_variant(model_config.variant), **common, **overrides)
