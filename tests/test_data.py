@@ -418,6 +418,7 @@ def test_training_from_an_image_folder_with_bad_files(image_folder, tmp_path):
   assert skipped[-1] >= len(bad_paths)  # one epoch: every bad file met (and counted) at least once
 
 
+@pytest.mark.slow
 def test_training_from_tfds_in_process(tfds_dir, tmp_path, capsys):
   from mae_jax import metrics, train  # pylint: disable=g-import-not-at-top
   config = load_config('mae_tiny_cpu')

@@ -175,6 +175,7 @@ def constant_schedule(step):
   return jnp.full((), 1e-3)
 
 
+@pytest.mark.slow
 def test_alternating_declares_two_phases_whose_optimizers_move_only_their_groups():
   objective, params, _ = setup()
   assert [p.name for p in objective.update_phases()] == ['generator', 'discriminator']

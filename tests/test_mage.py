@@ -229,6 +229,7 @@ def parity(config, batch=2, mask_ratio=0.6, seed=0):
 
 # ---- must-show 2: forward parity and the export round trip ----
 
+@pytest.mark.slow
 def test_vitb_forward_matches_the_pytorch_mage_and_exports_round_trip():
   config = load_config('mage_vitb')
   objective, out, (loss, logits, latent), state_dict, params = parity(config)

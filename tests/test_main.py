@@ -69,6 +69,7 @@ def assert_grid_is_original_masked_reconstruction(grid):
   assert np.all(np.where(visible, np.abs(per_patch(reconstruction) - per_patch(original)), 0) <= 1)
 
 
+@pytest.mark.slow
 def test_a_short_run_checkpoints_and_shows_original_masked_reconstruction(tmp_path):
   workdir = str(tmp_path / 'run')
   result = run_main(*QUICK, '--config.train.num_steps=5', f'--workdir={workdir}')

@@ -308,6 +308,7 @@ def test_the_mimic_loss_sees_only_visible_tokens_and_the_pixel_loss_only_masked_
   assert moved['loss/mimic_clip'] == metrics['loss/mimic_clip'] and moved['loss/mimic_dino'] != metrics['loss/mimic_dino']
 
 
+@pytest.mark.slow
 def test_the_teachers_are_outside_the_state_never_differentiated_and_unchanged_by_a_step(tmp_path):
   from mae_jax import sharding, train
   c = pico_config(tmp_path)

@@ -162,6 +162,7 @@ LRS = [1e-3, 3e-3, 2e-3]
 schedule = lambda count: jnp.asarray(LRS)[count]
 
 
+@pytest.mark.slow
 def test_adamw_step_matches_torch_with_the_reference_groups():
   params, grads = small_finetune_problem()
   model = timm_model(16, 4, 32, 2, 2, 10)
@@ -228,6 +229,7 @@ def test_sgd_matches_torch_with_lr_and_decay_multipliers():
   assert_close(ours, theirs)
 
 
+@pytest.mark.slow
 def test_frozen_rules_leave_params_unchanged_and_without_state():
   params, grads = small_finetune_problem(steps=2)
   trainable = jax.tree.map(lambda _: True, params)

@@ -38,7 +38,8 @@ def run_steps(trainer, state, start, steps):
   return state, metrics
 
 
-@pytest.mark.parametrize('name', ['mae', pytest.param('gan_mae', marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize('name', ['mae', 'gan_mae'])
 def test_a_checkpoint_written_before_the_structure_change_restores_and_matches_a_fresh_run(tmp_path, load_config,
                                                                                            name, request):
   if rerun_optimized(request):  # the old checkpoint's numbers come from optimised code: compare like with like
