@@ -160,9 +160,14 @@ class DropPath(nn.Module):
     return jnp.where(survive, x / keep, 0.0).astype(x.dtype)
 
 
-def _attention_forward(q, k, v):
+def _attention_weights(q, k):
+  """The float32 softmax(q k^T / sqrt(d)) of head-major (n, h, L, d) operands."""
   logits = jnp.einsum('nhqd,nhkd->nhqk', q, k, preferred_element_type=jnp.float32) * q.shape[-1]**-0.5
-  weights = jax.nn.softmax(logits, axis=-1).astype(q.dtype)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def _attention_forward(q, k, v):
+  weights = _attention_weights(q, k).astype(q.dtype)
   out = jnp.einsum('nhqk,nhkd->nhqd', weights, v)
   return out, (q, k, v, weights, out)
 
@@ -205,14 +210,13 @@ class Attention(nn.Module):
     qkv = nn.Dense(3 * dim, dtype=self.dtype, kernel_init=dense_init, name='qkv')(x)
     qkv = qkv.reshape(n, length, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    if jax.default_backend() == 'gpu' and (deterministic or not self.attn_dropout):
+    if not deterministic and self.attn_dropout:
+      q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+      weights = nn.Dropout(self.attn_dropout)(_attention_weights(q, k), deterministic).astype(self.dtype)
+      out = jnp.einsum('nhqk,nhkd->nqhd', weights, v)
+    elif jax.default_backend() == 'gpu':
       # cuDNN's fused (flash) attention where it applies (bf16/fp16 inputs), XLA's otherwise; fp32 softmax.
       out = jax.nn.dot_product_attention(q, k, v, implementation=None)
-    elif not deterministic and self.attn_dropout:
-      q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
-      logits = jnp.einsum('nhqd,nhkd->nhqk', q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-      weights = nn.Dropout(self.attn_dropout)(jax.nn.softmax(logits, axis=-1), deterministic).astype(self.dtype)
-      out = jnp.einsum('nhqk,nhkd->nqhd', weights, v)
     else:
       out = attention_core(*(x.transpose(0, 2, 1, 3) for x in (q, k, v))).transpose(0, 2, 1, 3)
     out = nn.Dense(dim, dtype=self.dtype, kernel_init=dense_init, name='proj')(out.reshape(n, length, dim))
