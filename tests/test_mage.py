@@ -345,7 +345,8 @@ def test_dropout_is_active_in_training_only():
 
 
 def test_the_reference_initialisation():
-  config = tiny_config()
+  config = tiny_config(token_init_std=0.02, pos_init='normal')  # the defaults (the demo changes both)
+  assert all(objectives.OBJECTIVES['mage'].default_config()[k] == config.mage[k] for k in ('token_init_std', 'pos_init'))
   params = jax.jit(objectives.create(config).init)(jax.random.key(0))
   enc, dec = params['encoder'], params['decoder']
   for table in (enc['token_embed']['embedding'], enc['pos_embed'], dec['decoder_pos_embed_learned']):
@@ -356,6 +357,26 @@ def test_the_reference_initialisation():
   for bias in (enc['blocks_0']['attn']['qkv']['bias'], dec['mlm_layer']['bias'], dec['mlm_layer']['fc']['bias']):
     assert not np.asarray(bias).any()
   assert (np.asarray(enc['embed_norm']['scale']) == 1).all() and (np.asarray(dec['mlm_layer']['ln']['scale']) == 1).all()
+
+
+def test_the_short_schedule_init_scales_the_word_embedding_and_starts_both_tables_from_sincos():
+  config = tiny_config(token_init_std=0.2, pos_init='sincos')
+  objective = objectives.create(config)
+  params = jax.jit(objective.init)(jax.random.key(0))
+  enc, dec = params['encoder'], params['decoder']
+  assert abs(float(enc['token_embed']['embedding'].std()) - 0.2) < 0.02
+  grid = objective.encoder.grid_size
+  for table, width in ((enc['pos_embed'], objective.encoder.width), (dec['decoder_pos_embed_learned'], objective.decoder.width)):
+    np.testing.assert_array_equal(table[0], vit.posemb_sincos_2d(width, grid))  # a zero row for the fake class
+  ids = jax.random.randint(jax.random.key(1), (2, 64), 0, 128)
+  noise = jax.random.uniform(jax.random.key(2), (2, 64))
+
+  def loss(p):
+    out = objective.forward(p, ids, noise, 0.7)
+    return mage.token_loss(out['logits'], ids, out['masked'], 128, 0.1)
+  grads = jax.jit(jax.grad(loss))(params)
+  assert float(jnp.abs(grads['encoder']['pos_embed']).max()) > 0  # still learned
+  assert float(jnp.abs(grads['decoder']['decoder_pos_embed_learned']).max()) > 0
 
 
 def test_word_embedding_gets_no_gradient_through_the_output_head():
@@ -535,13 +556,12 @@ def test_bench_times_a_config_whose_tokenizer_is_not_imported_yet():
 
 @pytest.mark.slow
 def test_tiny_demo_loss_falls_and_knn_beats_random_init(tmp_path):
-  result = run_main('--config=configs/mage_tiny_cpu.py', f'--workdir={tmp_path / "demo"}', check=True, timeout=1800,
-                    optimized=True)
+  # Half the demo's 80 epochs, to keep CI's time: the kNN already beats random init there.
+  result = run_main('--config=configs/mage_tiny_cpu.py', f'--workdir={tmp_path / "demo"}', '--config.train.epochs=40',
+                    check=True, timeout=1800, optimized=True)
   losses = [r['loss'] for r in map(json.loads, open(tmp_path / 'demo' / 'metrics.jsonl')) if 'loss' in r]
   line = next(l for l in result.stdout.splitlines() if l.startswith('knn/top1 on digits/test'))
   before, after = map(float, re.findall(r'\d+\.\d+', line))  # 'knn/top1 on digits/test: random init B -> trained A'
   print(f'MAGE tiny demo: loss {losses[0]:.3f} -> {losses[-1]:.3f} ({len(losses)} logs); {line}')
-  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.2  # measured: 4.66 -> 4.39
-  # Not asserted: that kNN beats the random-init encoder. At 20 epochs it does not (0.5300 -> 0.5067 measured),
-  # the open part of issue 13's must-show 4; the figures are printed for the record.
-  assert 0 < before <= 1 and 0 < after <= 1
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.5  # measured: 4.17 (step 20) -> 2.72
+  assert after > before + 0.05  # measured: 0.5400 -> 0.7267 (80 epochs: 0.8733; the reference init, 20: 0.5067)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from mae_jax.models import masking
-from mae_jax.models.vit import dense_init, make_blocks, token_init
+from mae_jax.models.vit import dense_init, learned_table_init, make_blocks, token_init
 
 
 class MlmLayer(nn.Module):
@@ -43,11 +43,13 @@ class MAGEDecoder(nn.Module):
   attn_dropout: float = 0.0
   dtype: Any = jnp.float32
   remat: Any = False
+  pos_init: str = 'normal'  # the learned table's init: the reference's 'normal' (0.02) or 'sincos'
 
   def setup(self):
     self.decoder_embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init)
-    self.decoder_pos_embed_learned = self.param('decoder_pos_embed_learned', token_init,
-                                                (1, self.num_tokens, self.width))
+    grid = int(round((self.num_tokens - 1) ** 0.5))
+    init = learned_table_init(self.pos_init, (grid, grid), 1, token_init)
+    self.decoder_pos_embed_learned = self.param('decoder_pos_embed_learned', init, (1, self.num_tokens, self.width))
     self.decoder_blocks = make_blocks(self.depth, self.num_heads, self.mlp_ratio, 0.0, self.dropout, self.dtype,
                                       self.remat, self.attn_dropout)
     self.decoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)

@@ -92,6 +92,22 @@ def posemb_sincos_2d(dim, grid_size, cls_token=True):
   return table.astype(np.float32)
 
 
+def learned_table_init(kind, grid_size, num_prefix_tokens, normal):
+  """The initializer of a learned position table (1, prefix + h*w, D): `normal` (the reference's random init)
+  or, for kind 'sincos', MAE's 2-D sin-cos table with zero prefix rows, a start that already knows the grid's
+  geometry (neighbouring positions alike), which a short schedule cannot afford to learn."""
+  if kind == 'normal':
+    return normal
+  if kind != 'sincos':
+    raise ValueError(f"position table init {kind!r}: expected 'normal' or 'sincos'")
+
+  def init(key, shape, dtype=jnp.float32):
+    del key
+    table = posemb_sincos_2d(shape[-1], grid_size, cls_token=False)
+    return jnp.asarray(np.pad(table, ((num_prefix_tokens, 0), (0, 0)))[None], dtype)
+  return init
+
+
 def _cubic_weights(in_size, out_size, a=-0.75):
   """(out, in) matrix of PyTorch's bicubic resampling along one axis (align_corners=False, no antialias):
   source x = (dst + 0.5) * in / out - 0.5, Keys' kernel with PyTorch's A = -0.75, taps clamped at the borders."""
@@ -338,7 +354,9 @@ class ViT(nn.Module):
   prefix_ids: int = 0  # leading input ids that are prefix tokens (MAGE's fake class id); needs a learned table
   norm_embeddings: bool = False  # LayerNorm `embed_norm` after the position embedding (BERT's, MAGE's)
   embed_dropout: float = 0.0
+  token_init_std: float = 0.02  # the token stem's init (BERT's and MAGE's 0.02)
   posemb: str = 'sincos'  # 'sincos': fixed, not a param; 'learned': param `pos_embed`
+  posemb_init: str = 'normal'  # a learned table's init: 'normal' (timm's 0.02) or 'sincos' (learned_table_init)
   cls_token: bool = True
   pool: str = 'none'  # 'cls': token 0 after `norm`; 'gap': `fc_norm` of the mean patch token, no `norm`
   num_classes: int = 0
@@ -385,12 +403,14 @@ class ViT(nn.Module):
     if self.stem == 'patch':
       self.patch_embed = PatchEmbed(self.patch_size, self.width, self.dtype, self.patch_bias)
     else:
-      self.token_embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, embedding_init=token_init)
+      self.token_embed = nn.Embed(self.vocab_size, self.width, dtype=self.dtype,
+                                  embedding_init=nn.initializers.normal(stddev=self.token_init_std))
     # Created first among the top-level params: the rng each one draws depends on the order.
     self.cls = self.param('cls_token', token_init, (1, 1, self.width)) if self.cls_token else None
     num_tokens = self.num_prefix_tokens + self.num_patches
     if self.posemb == 'learned':
-      self.pos_embed = self.param('pos_embed', timm_trunc_normal(0.02), (1, num_tokens, self.width))
+      init = learned_table_init(self.posemb_init, self.grid_size, self.num_prefix_tokens, timm_trunc_normal(0.02))
+      self.pos_embed = self.param('pos_embed', init, (1, num_tokens, self.width))
     else:
       self.pos_embed = jnp.asarray(posemb_sincos_2d(self.width, self.grid_size, self.cls_token))[None]
     if self.norm_embeddings:

@@ -17,6 +17,10 @@ As the reference (LTH14/mage `models_mage.py`, spec mage.md 1.2-1.6 and 7):
               tokens (dropped ones included): 0.9 NLL + 0.1 mean(-log p).
   numerics    dropout and attention dropout 0.1 (config.model.dropout, config.mage.attn_dropout,
               config.mage.embed_dropout), fp32 attention logits, exact GELU, the reference's initialisation.
+  init        by default the reference's: word embedding and both learned position tables N(0, 0.02). Two
+              options for short schedules on narrow models (the CPU demo; configs/mage_tiny_cpu.py says
+              why): `token_init_std` scales the word embedding, and so the tied logits, whose reach is about
+              std * width; `pos_init='sincos'` starts both tables from MAE's 2-D sin-cos table (still learned).
 
 MAGE-C (the paper's contrastive variant; its code was never released, so every choice below is UNVERIFIED
 and a field of `config.mage.contrastive`, documented there): two views per image drawn in the step
@@ -33,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mae_jax.config import require
+from mae_jax.config import is_number, require
 from mae_jax.data import transforms
 from mae_jax.models import masking, vit, vqgan
 from mae_jax.models.mage_decoder import MAGEDecoder
@@ -139,6 +143,8 @@ class MAGE(Objective):
         label_smoothing=0.1,
         attn_dropout=0.1,      # on the attention weights, encoder and decoder (the blocks' dropout: config.model)
         embed_dropout=0.1,     # after the embedding LayerNorm (BertEmbeddings' hidden dropout)
+        token_init_std=0.02,   # the word embedding's init std, which also scales the tied logits (init, above)
+        pos_init='normal',     # both learned position tables: 'normal' (the reference's 0.02) or 'sincos'
         contrastive=dict(      # MAGE-C; the paper's code was never released: every default here is UNVERIFIED
             weight=0.0,        # lambda of the InfoNCE term (0: plain MAGE; MAGE-C: 0.1, as we read the paper)
             temperature=0.2,
@@ -159,6 +165,9 @@ class MAGE(Objective):
     require(0.0 <= m.label_smoothing < 1.0, f'config.mage.label_smoothing={m.label_smoothing} must be in [0, 1)')
     require(0.0 <= m.attn_dropout < 1.0 and 0.0 <= m.embed_dropout < 1.0,
             'config.mage.attn_dropout and embed_dropout must be in [0, 1)')
+    require(is_number(m.token_init_std) and m.token_init_std > 0,
+            f'config.mage.token_init_std={m.token_init_std!r} must be a number > 0')
+    require(m.pos_init in ('normal', 'sincos'), f"config.mage.pos_init={m.pos_init!r}: expected 'normal' or 'sincos'")
     require(contrastive.weight >= 0 and contrastive.temperature > 0 and contrastive.hidden_dim > 0
             and contrastive.dim > 0, 'config.mage.contrastive: weight >= 0, temperature, hidden_dim, dim > 0')
     lo, hi = contrastive.crop_scale
@@ -190,13 +199,14 @@ class MAGE(Objective):
     dtype = vit.compute_dtype(config.model)
     self.encoder = vit.encoder_from_config(
         config.model, self.img_size, stem='tokens', vocab_size=self.vocab_size, prefix_ids=1, cls_token=False,
-        posemb='learned', norm_embeddings=True, embed_dropout=m.embed_dropout, attn_dropout=m.attn_dropout)
+        posemb='learned', norm_embeddings=True, embed_dropout=m.embed_dropout, attn_dropout=m.attn_dropout,
+        token_init_std=m.token_init_std, posemb_init=m.pos_init)
     self.num_tokens = self.encoder.num_patches
     self.num_dropped = math.ceil(self.num_tokens * m.mask_ratio_min)
     dec = config.model.decoder
     self.decoder = MAGEDecoder(1 + self.num_tokens, self.vocab_size, dec.width, dec.depth, dec.num_heads,
                                config.model.mlp_ratio, config.model.dropout, m.attn_dropout, dtype,
-                               vit.remat_option(config.model))
+                               vit.remat_option(config.model), m.pos_init)
     self.head = ProjectionHead(m.contrastive.hidden_dim, m.contrastive.dim) if m.contrastive.weight > 0 else None
 
   def frozen_networks(self):
