@@ -1,4 +1,4 @@
-"""MAGE with a tiny ViT on the embedded digits and the shipped tiny tokenizer: the CPU demo, about 12 minutes.
+"""MAGE with a tiny ViT on the embedded digits and the shipped tiny tokenizer: the CPU demo, 11 minutes.
 
   python -m mae_jax.main --config=configs/mage_tiny_cpu.py --workdir=workdirs/mage_tiny
 
