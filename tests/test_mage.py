@@ -346,7 +346,8 @@ def test_dropout_is_active_in_training_only():
 
 def test_the_reference_initialisation():
   config = tiny_config(token_init_std=0.02, pos_init='normal')  # the defaults (the demo changes both)
-  assert all(objectives.OBJECTIVES['mage'].default_config()[k] == config.mage[k] for k in ('token_init_std', 'pos_init'))
+  defaults = objectives.OBJECTIVES['mage'].default_config()
+  assert all(defaults[k] == config.mage[k] for k in ('token_init_std', 'pos_init'))
   params = jax.jit(objectives.create(config).init)(jax.random.key(0))
   enc, dec = params['encoder'], params['decoder']
   for table in (enc['token_embed']['embedding'], enc['pos_embed'], dec['decoder_pos_embed_learned']):
@@ -366,7 +367,8 @@ def test_the_short_schedule_init_scales_the_word_embedding_and_starts_both_table
   enc, dec = params['encoder'], params['decoder']
   assert abs(float(enc['token_embed']['embedding'].std()) - 0.2) < 0.02
   grid = objective.encoder.grid_size
-  for table, width in ((enc['pos_embed'], objective.encoder.width), (dec['decoder_pos_embed_learned'], objective.decoder.width)):
+  tables = (enc['pos_embed'], objective.encoder.width), (dec['decoder_pos_embed_learned'], objective.decoder.width)
+  for table, width in tables:
     np.testing.assert_array_equal(table[0], vit.posemb_sincos_2d(width, grid))  # a zero row for the fake class
   ids = jax.random.randint(jax.random.key(1), (2, 64), 0, 128)
   noise = jax.random.uniform(jax.random.key(2), (2, 64))
