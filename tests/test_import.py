@@ -75,7 +75,7 @@ SD = {'cls_token': torch.ones(1, 1, 4)}
 NOISE = bytes(range(7, 256)) * 2  # no torch.save or safetensors magic at its start
 
 
-@pytest.mark.parametrize('name, data, message', [
+NOT_STATE_DICTS = [
     ('noise.pth', NOISE, r'is not a PyTorch or safetensors file \(truncated, corrupt, or not a checkpoint at all\): '
                          r"its first bytes b'\\x07\\x08"),
     ('noise.safetensors', NOISE, 'is not a PyTorch or safetensors file'),
@@ -92,7 +92,12 @@ NOISE = bytes(range(7, 256)) * 2  # no torch.save or safetensors magic at its st
     ('mixed.pth', torch_bytes({'a': torch.ones(2), 'name': 'vit', 'z': torch.zeros(2, dtype=torch.complex64)}),
      r'entries that are not weights \(float or integer tensors\):\n  name: a str, not a weight\n'
      r'  z: a torch.complex64 tensor, not a weight'),
-])
+]
+
+
+# Named by file: the bytes hold zip timestamps and torch's random serialization id, and pytest-xdist
+# workers must collect the same test ids.
+@pytest.mark.parametrize('name, data, message', NOT_STATE_DICTS, ids=[case[0] for case in NOT_STATE_DICTS])
 def test_files_that_are_not_state_dicts_say_what_they_are(tmp_path, name, data, message):
   (tmp_path / name).write_bytes(data)
   with pytest.raises(UnreadableFileError, match=message):
