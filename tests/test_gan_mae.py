@@ -25,10 +25,10 @@ def _fp32_matmuls():
     yield
 
 
-def tiny_config(**gan_mae):
-  """pico/4 on 16x16 images: 16 patches, 4 visible; a 1-block decoder."""
+def tiny_config(variant='pico/4', **gan_mae):
+  """pico/4 (or ConvMAE's convpico/4, no cls token) on 16x16 images: 16 patches, 4 visible; a 1-block decoder."""
   c = load_config('gan_mae_tiny_cpu')
-  c.model.variant = 'pico/4'
+  c.model.variant = variant
   c.model.decoder.update(width=32, depth=1, num_heads=2)
   c.data.img_size = 16
   c.gan_mae.update(gan_mae)
@@ -37,8 +37,8 @@ def tiny_config(**gan_mae):
 
 
 @functools.cache
-def setup(**gan_mae):
-  config = tiny_config(**gan_mae)
+def setup(variant='pico/4', **gan_mae):
+  config = tiny_config(variant, **gan_mae)
   objective = objectives.create(config)
   params = objective.init(jax.random.key(0))
   images = jax.random.normal(jax.random.key(1), (4, 16, 16, 3))
@@ -109,9 +109,9 @@ def _mae_config():
 
 
 @functools.cache
-def joint_term_grads(through_encoder=False):
+def joint_term_grads(through_encoder=False, variant='pico/4'):
   """({term name: its gradient tree}, metrics) of the joint objective, in one compiled jacobian."""
-  objective, params, batch = setup(update_scheme='joint', adv_through_disc_encoder=through_encoder)
+  objective, params, batch = setup(variant, update_scheme='joint', adv_through_disc_encoder=through_encoder)
   return jax.jit(jax.jacrev(lambda p: objective.loss_terms(p, batch, jax.random.key(3)), has_aux=True))(params)
 
 
@@ -145,10 +145,12 @@ def test_joint_routes_each_term_to_its_player_only(through_encoder):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-4, atol=1e-7), adv, expected)
 
 
-def test_adaptive_weight_is_vqgans_gradient_norm_ratio_at_decoder_pred():
-  objective, params, batch = setup(update_scheme='joint', adv_through_disc_encoder=False)
+# ConvMAE's encoder has no cls token: no prefix row to drop from the discriminator's tokens or the decoder's hidden.
+@pytest.mark.parametrize('variant', ['pico/4', 'convpico/4'])
+def test_adaptive_weight_is_vqgans_gradient_norm_ratio_at_decoder_pred(variant):
+  objective, params, batch = setup(variant, update_scheme='joint', adv_through_disc_encoder=False)
   rng = jax.random.key(3)
-  _, metrics = joint_term_grads()
+  _, metrics = joint_term_grads(variant=variant)
   noise = objective.sample_noise(batch['example_key'])
   gen_rng, disc_rng = jax.random.split(rng)
   target = patchify(batch['image'], 4)
@@ -159,6 +161,7 @@ def test_adaptive_weight_is_vqgans_gradient_norm_ratio_at_decoder_pred():
     pred, mask = objective.forward(p, batch['image'], noise, gen_rng, True)
     rec = jnp.sum(jnp.mean((pred - target) ** 2, -1) * mask) / jnp.sum(mask)
     logits = objective.discriminate(params, objective.corrupt(target, pred, mask), disc_rng, True)
+    assert logits.shape == mask.shape == (4, 16)  # one logit per patch
     return rec, adversarial_loss(logits, mask)
 
   kernel = params['decoder']['decoder_pred']['kernel']

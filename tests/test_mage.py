@@ -484,6 +484,21 @@ def test_paper_configs_build_with_the_reference_parameter_counts(name, used, enc
           c.train.grad_clip, c.model.dropout) == (4096, 1.5e-4, 0.95, 0.05, 40, 1600, 3.0, 0.1)
 
 
+@pytest.mark.parametrize('field, value, message', [
+    ('mage.token_init_std', 0.0, r"token_init_std=0\.0 must be a number > 0"),
+    ('mage.pos_init', 'fourier', r"pos_init='fourier': expected 'normal' or 'sincos'"),
+    ('mage.label_smoothing', 1.0, r'label_smoothing=1\.0 must be in \[0, 1\)'),
+    ('model.variant', 'convpico/4', r"MAGE encodes VQGAN tokens, which a ConvViT's pixel convolutions cannot read"),
+    ('model.variant', 'pico/8', r"its patch size 8 must be the tokenizer's 4 pixels per token"),
+])
+def test_validate_names_the_bad_mage_field(field, value, message):
+  config = tiny_config()
+  section, key = field.split('.')
+  config[section][key] = value
+  with pytest.raises(config_lib.ConfigError, match=message):
+    config_lib.validate(config)
+
+
 def test_a_paper_config_without_its_tokenizer_says_how_to_import_it(tmp_path):
   config = load_config('mage_vitb')
   config.mage.tokenizer = str(tmp_path / 'missing.msgpack')

@@ -147,7 +147,7 @@ class GANMAE(MAE):
     """Per-patch logits (N, L), fp32: the shared encoder over every patch, then `disc_head`."""
     rngs = {'dropout': rng} if rng is not None else {}
     tokens = self.encoder.apply({'params': params['encoder']}, images, train=train, rngs=rngs)['tokens']
-    logits = self.disc_head.apply({'params': params['disc_head']}, tokens[:, 1:])
+    logits = self.disc_head.apply({'params': params['disc_head']}, tokens[:, self.encoder.num_prefix_tokens:])
     return logits[..., 0].astype(jnp.float32)
 
   # --- loss terms ------------------------------------------------------------------------------------
@@ -167,7 +167,8 @@ class GANMAE(MAE):
     if not self.adaptive:
       return jnp.asarray(self.adv_weight, jnp.float32)
     rec_grad_pred = jax.grad(reconstruction_loss)(sg(pred), target, mask, False)
-    h = sg(hidden[:, 1:]).astype(jnp.float32)  # the cls token's prediction is dropped: zero gradient
+    # A cls token's prediction is dropped (zero gradient); ConvMAE's encoder has none.
+    h = sg(hidden[:, int(self.decoder.cls_token):]).astype(jnp.float32)
     kernel_grad_norm = lambda g: jnp.linalg.norm(jnp.einsum('nld,nlo->do', h, g))
     ratio = kernel_grad_norm(rec_grad_pred) / (kernel_grad_norm(adv_grad_pred) + ADAPTIVE_EPS)
     return sg(self.adv_weight * jnp.clip(ratio, 0.0, self.adv_weight_max))

@@ -39,7 +39,7 @@ import numpy as np
 
 from mae_jax.config import is_number, require
 from mae_jax.data import transforms
-from mae_jax.models import masking, vit, vqgan
+from mae_jax.models import convvit, masking, vit, vqgan
 from mae_jax.models.mage_decoder import MAGEDecoder
 from mae_jax.models.patchify import compose, patchify, unpatchify
 from mae_jax.objectives.base import Objective
@@ -172,6 +172,9 @@ class MAGE(Objective):
             and contrastive.dim > 0, 'config.mage.contrastive: weight >= 0, temperature, hidden_dim, dim > 0')
     lo, hi = contrastive.crop_scale
     require(0 < lo <= hi <= 1, f'config.mage.contrastive.crop_scale={tuple(contrastive.crop_scale)}: 0 < lo <= hi <= 1')
+    # MAGE's encoder reads token ids through a word embedding; ConvViT's stages convolve pixels.
+    require(not convvit.is_conv(config.model.variant), f'config.model.variant={config.model.variant!r}: MAGE '
+            "encodes VQGAN tokens, which a ConvViT's pixel convolutions cannot read; use a ViT variant such as 'B/16'")
     downsample = vqgan.from_config(config.vqgan).downsample
     patch = vit.parse_variant(config.model.variant)['patch_size']
     require(patch == downsample, f'config.model.variant={config.model.variant!r}: its patch size {patch} must be '
