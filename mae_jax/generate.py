@@ -87,6 +87,10 @@ def check_arguments():
         paths.check_remote(FLAGS[name].value, f'--{name}={FLAGS[name].value}')
       except paths.PathError as e:
         fail(e)
+  if FLAGS.out and paths.isfile(FLAGS.out):
+    fail(f'--out={FLAGS.out} is a file; name a folder for the images')
+  if FLAGS.grid and not FLAGS.grid.lower().endswith('.png'):
+    fail(f'--grid={FLAGS.grid}: the grid is a PNG; name a .png file')
   if FLAGS.workdir:
     if not paths.isdir(FLAGS.workdir):
       fail(f'--workdir={FLAGS.workdir} does not exist')
@@ -135,7 +139,7 @@ def write_png(path, image):
     with paths.open_file(path, 'wb') as f:  # one upload per image
       Image.fromarray(np.asarray(image)).save(f, format='PNG')
   else:
-    Image.fromarray(np.asarray(image)).save(path)
+    Image.fromarray(np.asarray(image)).save(path, format='PNG')
 
 
 def tile(images, columns=8, pad=2):
@@ -221,6 +225,8 @@ def main(argv):
     mesh = sharding.create_mesh({'data': -1, 'fsdp': 1})
     model, params = load(mesh)
     paths.makedirs(FLAGS.out)
+    if FLAGS.grid and paths.dirname(FLAGS.grid):
+      paths.makedirs(paths.dirname(FLAGS.grid))
     if edit:
       run_edit(model, params, mesh, edit)
     else:

@@ -223,12 +223,18 @@ def test_the_command_generates_pngs_and_a_grid_from_an_imported_release(tmp_path
   release = write_random_release(tmp_path / 'release.msgpack', load_config('mage_tiny_cpu'))
   out = tmp_path / 'samples'
   result = run_cli('generate', f'--init_from={release}', '--config=configs/mage_tiny_cpu.py', f'--out={out}',
-                   '--num_images=5', '--batch=4', '--num_iter=4', f'--grid={tmp_path / "grid.png"}', check=True)
+                   '--num_images=5', '--batch=4', '--num_iter=4', f'--grid={tmp_path / "new" / "grid.png"}', check=True)
   assert sorted(os.listdir(out)) == [f'{i:05d}.png' for i in range(5)], result.stderr
-  assert read_png(out / '00004.png').shape == (32, 32, 3) and read_png(tmp_path / 'grid.png').shape == (36, 8 * 36, 3)
-  missing = run_cli('generate', f'--workdir={tmp_path / "nope"}', f'--out={out}')
-  assert missing.returncode == 2
-  assert missing.stderr.strip() == f'mae_jax.generate: error: --workdir={tmp_path / "nope"} does not exist'
+  assert read_png(out / '00004.png').shape == (32, 32, 3)
+  assert read_png(tmp_path / 'new' / 'grid.png').shape == (36, 8 * 36, 3)  # its folder made
+  release_args = [f'--init_from={release}', '--config=configs/mage_tiny_cpu.py']
+  nope = tmp_path / 'nope'
+  for args, message in (([f'--workdir={nope}', f'--out={out}'], f'--workdir={nope} does not exist'),
+                        ([*release_args, f'--out={out / "00000.png"}'], 'is a file; name a folder'),
+                        ([*release_args, f'--out={out}', '--grid=grid.jpg'], 'the grid is a PNG')):
+    refused = run_cli('generate', *args)
+    assert refused.returncode == 2 and 'Traceback' not in refused.stderr, refused.stderr
+    assert refused.stderr.strip().startswith('mae_jax.generate: error: ') and message in refused.stderr
 
 
 @pytest.fixture(scope='module')
