@@ -14,6 +14,7 @@ A new objective's format (GAN-MAE, MAGE, MR-MAE) is a new entry in `FORMATS`.
 import numpy as np
 
 from mae_jax.models import vqgan
+from mae_jax.models.decoder import MAEDecoder
 from mae_jax.models.vit import posemb_sincos_2d
 
 KINDS = {  # kind: (jax -> torch, torch -> jax)
@@ -235,7 +236,7 @@ def fixed_tables(objective):
     enc = objective.encoder
     out['encoder/pos_embed'] = posemb_sincos_2d(enc.width, enc.grid_size, enc.num_prefix_tokens > 0)[None]
   decoder = getattr(objective, 'decoder', None)
-  if hasattr(decoder, 'grid_size'):  # MAE's fixed table; MAGE's decoder has a learned one
+  if isinstance(decoder, MAEDecoder):  # MAE's fixed table; MAGE's decoder has a learned one
     out['decoder/decoder_pos_embed'] = posemb_sincos_2d(decoder.width, decoder.grid_size, decoder.cls_token)[None]
   if hasattr(objective, 'unused_reference_tensors'):
     out.update(objective.unused_reference_tensors())

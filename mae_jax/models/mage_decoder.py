@@ -33,7 +33,7 @@ class MlmLayer(nn.Module):
 
 
 class MAGEDecoder(nn.Module):
-  num_tokens: int  # 1 + L: the fake-class position and the token grid
+  grid_size: tuple  # the token grid (gh, gw); the decoder's positions are the fake-class one, then the grid
   vocab_size: int
   width: int = 768
   depth: int = 8
@@ -47,9 +47,9 @@ class MAGEDecoder(nn.Module):
 
   def setup(self):
     self.decoder_embed = nn.Dense(self.width, dtype=self.dtype, kernel_init=dense_init)
-    grid = int(round((self.num_tokens - 1) ** 0.5))
-    init = learned_table_init(self.pos_init, (grid, grid), 1, token_init)
-    self.decoder_pos_embed_learned = self.param('decoder_pos_embed_learned', init, (1, self.num_tokens, self.width))
+    init = learned_table_init(self.pos_init, self.grid_size, 1, token_init)
+    num_tokens = 1 + self.grid_size[0] * self.grid_size[1]
+    self.decoder_pos_embed_learned = self.param('decoder_pos_embed_learned', init, (1, num_tokens, self.width))
     self.decoder_blocks = make_blocks(self.depth, self.num_heads, self.mlp_ratio, 0.0, self.dropout, self.dtype,
                                       self.remat, self.attn_dropout)
     self.decoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype)

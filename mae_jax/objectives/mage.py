@@ -207,7 +207,7 @@ class MAGE(Objective):
     self.num_tokens = self.encoder.num_patches
     self.num_dropped = math.ceil(self.num_tokens * m.mask_ratio_min)
     dec = config.model.decoder
-    self.decoder = MAGEDecoder(1 + self.num_tokens, self.vocab_size, dec.width, dec.depth, dec.num_heads,
+    self.decoder = MAGEDecoder(self.encoder.grid_size, self.vocab_size, dec.width, dec.depth, dec.num_heads,
                                config.model.mlp_ratio, config.model.dropout, m.attn_dropout, dtype,
                                vit.remat_option(config.model), m.pos_init)
     self.head = ProjectionHead(m.contrastive.hidden_dim, m.contrastive.dim) if m.contrastive.weight > 0 else None
