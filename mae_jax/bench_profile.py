@@ -46,8 +46,9 @@ def classify(op_name):
   return 'step', '', 'optimizer, norms, other'
 
 
-def summarize(trace_dir, hlo_text, steps, top=16):
-  """Lines of the trace's op time per step, by (module, pass, part), largest first."""
+def summarize(trace_dir, hlo_text, steps):
+  """Lines of the trace's op time per step, by (module, pass, part), largest first: every one of them (a few
+  dozen at most), so no part drops out of the listing when another runs slow."""
   paths = sorted(glob.glob(f'{trace_dir}/**/perfetto_trace.json.gz', recursive=True))
   if not paths:
     return [f'profile                  no perfetto trace under {trace_dir}']
@@ -65,6 +66,6 @@ def summarize(trace_dir, hlo_text, steps, top=16):
     return [f'profile                  the trace under {trace_dir} has no per-op events on this backend']
   lines = [f'profile                  {everything:.1f} ms of op time per step (ops on parallel threads add up); '
            f'trace in {paths[-1]}']
-  for (module, pass_, part), ms in totals.most_common(top):
+  for (module, pass_, part), ms in totals.most_common():
     lines.append(f'  {ms:9.1f} ms {100 * ms / everything:5.1f}%  {" ".join(filter(None, (module, pass_, part)))}')
   return lines

@@ -146,7 +146,7 @@ def test_joint_routes_each_term_to_its_player_only(through_encoder):
 
 
 # ConvMAE's encoder has no cls token: no prefix row to drop from the discriminator's tokens or the decoder's hidden.
-@pytest.mark.parametrize('variant', ['pico/4', 'convpico/4'])
+@pytest.mark.parametrize('variant', ['pico/4', pytest.param('convpico/4', marks=pytest.mark.slow)])
 def test_adaptive_weight_is_vqgans_gradient_norm_ratio_at_decoder_pred(variant):
   objective, params, batch = setup(variant, update_scheme='joint', adv_through_disc_encoder=False)
   rng = jax.random.key(3)
