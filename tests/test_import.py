@@ -95,8 +95,8 @@ NOT_STATE_DICTS = [
 ]
 
 
-# Named by file: the bytes hold zip timestamps and torch's random serialization id, and pytest-xdist
-# workers must collect the same test ids.
+# Named by file: zip_of's bytes hold the time they were written, and pytest-xdist workers must collect the
+# same test ids.
 @pytest.mark.parametrize('name, data, message', NOT_STATE_DICTS, ids=[case[0] for case in NOT_STATE_DICTS])
 def test_files_that_are_not_state_dicts_say_what_they_are(tmp_path, name, data, message):
   (tmp_path / name).write_bytes(data)
